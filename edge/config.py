@@ -1,0 +1,251 @@
+"""The edge daemon's configuration: a pydantic schema that forbids unknown keys.
+
+``load_config(path)`` reads the YAML, validates it and resolves relative paths against the
+YAML file's folder (state paths against ``state_dir``). Errors raise :class:`ConfigError`
+whose message names the key path (``cameras.0.source: ...``); the CLI prints it on one line
+and exits with :data:`EXIT_CONFIG`. Secrets never live in the YAML: the MQTT password comes
+from an environment variable or from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says where and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CameraConfig(_Strict):
+    id: str = Field(description="camera id used in MQTT topics: letters, digits, '_' or '-'")
+    source: str = Field(description="V4L2 index ('0') or path ('/dev/video0'), rtsp:// or http(s):// URL, "
+                        "GStreamer pipeline ending in 'appsink', video file, image folder, or 'synthetic'")
+    kind: Literal["auto", "v4l2", "url", "gstreamer", "file", "folder", "synthetic"] = Field(
+        "auto", description="how to open the source; auto guesses from the source string")
+    loop: bool = Field(False, description="restart a video file or image folder at its end")
+    fps: float | None = Field(None, gt=0, description="cap on frames per second taken from the source")
+    roi: tuple[int, int, int, int] | None = Field(None, description="region of interest x, y, width, height in pixels")
+    threshold: float | None = Field(None, gt=0, description="per-camera image threshold override (normalised units, default from the bundle: 0.5)")
+    seed: int = Field(0, description="synthetic source only: seed of the simulated line")
+    defect_every: int = Field(3, ge=0, description="synthetic source only: every n-th run of frames is defective (0 = never)")
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("use 1-64 letters, digits, '_' or '-' (it becomes part of MQTT topics)")
+        return v
+
+    @field_validator("roi")
+    @classmethod
+    def _check_roi(cls, v):
+        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
+            raise ValueError("roi is x, y, width, height with x, y >= 0 and width, height > 0")
+        return v
+
+
+class ModelConfig(_Strict):
+    bundle: Path = Field(description="bundle folder written by haloae-export")
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
+        "auto", description="auto picks the fastest available: tensorrt, then onnxruntime (CUDA, then CPU), then torch")
+    precision: Literal["fp32", "fp16"] = Field("fp32", description="which model file / engine precision to run")
+    batch_size: int = Field(1, ge=1, description="frames per inference call, batched across cameras (<= the bundle's batch)")
+    threads: int = Field(0, ge=0, description="CPU threads for inference (0 = all cores)")
+    checkpoint: Path | None = Field(None, description="torch backend only: the training checkpoint")
+
+
+class TLSConfig(_Strict):
+    ca: Path = Field(description="CA certificate file that signed the broker's certificate")
+    cert: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key: Path | None = Field(None, description="client private key (mutual TLS)")
+    insecure: bool = Field(False, description="skip host-name verification (testing only)")
+
+
+class MqttConfig(_Strict):
+    host: str = Field("localhost", description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
+    client_id: str | None = Field(None, description="default: haloae-<node>")
+    prefix: str | None = Field(None, description="topic prefix, default haloae/<node>")
+    username: str | None = None
+    password_env: str = Field("HALOAE_MQTT_PASSWORD", description="environment variable holding the password")
+    password_credential: str = Field("mqtt_password", description="file name in $CREDENTIALS_DIRECTORY holding the password")
+    tls: TLSConfig | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+    qos_results: Literal[0, 1] = Field(0, description="QoS of result/mask messages (alarms are always QoS 1)")
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    def password(self) -> str | None:
+        """The password from the environment or the systemd credential; never from YAML."""
+        if os.environ.get(self.password_env):
+            return os.environ[self.password_env]
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (Path(cred_dir) / self.password_credential).is_file():
+            return (Path(cred_dir) / self.password_credential).read_text().strip()
+        return None
+
+
+class PublishConfig(_Strict):
+    results: Literal["all", "anomalous", "none"] = Field("all", description="which frames get a result message")
+    mask: bool = Field(True, description="publish the binary defect mask PNG with each published result")
+    overlay: bool = Field(False, description="publish an overlay JPEG (heat map over the frame) of anomalous frames")
+    max_rate_hz: float = Field(0, ge=0, description="per-camera cap on result messages per second (0 = none)")
+    zmq_pub: str | None = Field("tcp://127.0.0.1:5560", description="local ZeroMQ PUB endpoint for results (null = off)")
+    stats_interval_s: float = Field(10.0, gt=0, description="seconds between stats messages")
+
+
+class AlarmConfig(_Strict):
+    n: int = Field(3, ge=1, description="an alarm starts when n of the last m frames are anomalous")
+    m: int = Field(5, ge=1)
+    clear_frames: int = Field(5, ge=1, description="hysteresis: the alarm ends after this many normal frames in a row")
+    update_interval_s: float = Field(5.0, gt=0, description="seconds between 'update' events of an active alarm")
+    outbox_max_events: int = Field(100000, ge=10, description="outbox bound; beyond it the oldest 'update' events are dropped first")
+
+    @model_validator(mode="after")
+    def _n_le_m(self):
+        if self.n > self.m:
+            raise ValueError(f"alarms.n ({self.n}) must be <= alarms.m ({self.m})")
+        return self
+
+
+class EvidenceConfig(_Strict):
+    enabled: bool = Field(True, description="save anomalous frames, masks and overlays")
+    dir: Path = Field(Path("evidence"), description="folder inside state_dir")
+    quota_mb: float = Field(500.0, gt=0, description="size quota; the oldest files are deleted first")
+
+
+class HealthConfig(_Strict):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    stale_after_s: float = Field(10.0, gt=0, description="a camera with no frame for this long is reported offline")
+    reopen_min_s: float = Field(1.0, gt=0, description="first retry delay of a lost camera (doubles up to reopen_max_s)")
+    reopen_max_s: float = Field(30.0, gt=0)
+
+
+class EdgeConfig(_Strict):
+    node: str = Field(description="this daemon's name in MQTT topics")
+    state_dir: Path = Field(Path(os.environ.get("STATE_DIRECTORY", "/var/lib/haloae-edge")),
+                            description="engines, outbox and evidence live here (systemd StateDirectory=)")
+    cameras: list[CameraConfig] = Field(min_length=1)
+    model: ModelConfig
+    mqtt: MqttConfig = MqttConfig()
+    publish: PublishConfig = PublishConfig()
+    alarms: AlarmConfig = AlarmConfig()
+    evidence: EvidenceConfig = EvidenceConfig()
+    health: HealthConfig = HealthConfig()
+
+    @field_validator("node")
+    @classmethod
+    def _check_node(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("use 1-64 letters, digits, '_' or '-' (it becomes part of MQTT topics)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_cameras(self):
+        ids = [c.id for c in self.cameras]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"camera ids must be unique, got {ids}")
+        return self
+
+    @property
+    def prefix(self) -> str:
+        return (self.mqtt.prefix or f"haloae/{self.node}").rstrip("/")
+
+    def inside_state(self, path: Path) -> Path:
+        """Resolve ``path`` inside ``state_dir``; refuse one that escapes it."""
+        root = self.state_dir.resolve()
+        full = (root / path).resolve()
+        if full != root and root not in full.parents:
+            raise ConfigError(f"{path} escapes state_dir {root}: use a path inside it")
+        return full
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling; see configs/edge/*.yaml for the keys)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
+def parse_config(data: dict, base_dir: Path | None = None) -> EdgeConfig:
+    """Validate a dict; relative file paths are taken relative to ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping with at least 'node', 'cameras' and 'model'")
+    try:
+        cfg = EdgeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    if base_dir is not None:
+        _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: EdgeConfig, base: Path) -> None:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else (base / p)
+
+    cfg.model.bundle = fix(cfg.model.bundle)
+    cfg.model.checkpoint = fix(cfg.model.checkpoint)
+    cfg.state_dir = fix(cfg.state_dir) or cfg.state_dir
+    if cfg.mqtt.tls:
+        for key in ("ca", "cert", "key"):
+            setattr(cfg.mqtt.tls, key, fix(getattr(cfg.mqtt.tls, key)))
+    for cam in cfg.cameras:
+        if cam.kind in ("file", "folder") or (cam.kind == "auto" and not _looks_remote(cam.source)
+                                                and "!" not in cam.source and not cam.source.isdigit()
+                                                and cam.source != "synthetic"):
+            cam.source = str(fix(Path(cam.source)))
+
+
+def _looks_remote(source: str) -> bool:
+    return "://" in source or source.startswith("/dev/")
+
+
+def check_files(cfg: EdgeConfig) -> None:
+    """Check that the files the config names exist and are readable (bundle, TLS files)."""
+    if not (cfg.model.bundle / "manifest.json").is_file():
+        raise ConfigError(f"model.bundle: no bundle at {cfg.model.bundle} (manifest.json missing); "
+                          "create one with haloae-export CHECKPOINT --out DIR")
+    if cfg.model.backend == "torch" and (cfg.model.checkpoint is None or not cfg.model.checkpoint.is_file()):
+        raise ConfigError(f"model.checkpoint: the torch backend needs the training checkpoint file, got {cfg.model.checkpoint}")
+    if cfg.mqtt.tls:
+        for key in ("ca", "cert", "key"):
+            p = getattr(cfg.mqtt.tls, key)
+            if p is not None and not os.access(p, os.R_OK):
+                raise ConfigError(f"mqtt.tls.{key}: cannot read {p}; check the path and its permissions")
+        if (cfg.mqtt.tls.cert is None) != (cfg.mqtt.tls.key is None):
+            raise ConfigError("mqtt.tls: give both cert and key for mutual TLS, or neither")
+
+
+def load_config(path: str | Path, check: bool = True) -> EdgeConfig:
+    """Read, validate and (with ``check``) check the files of a daemon config."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    cfg = parse_config(data, base_dir=path.parent)
+    if check:
+        check_files(cfg)
+    return cfg

@@ -1,0 +1,135 @@
+"""HaloAttention behaviour: padding gets zero weight, matches a naive loop implementation,
+clear errors, finite mask in half precision."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from haloae.train.halo_attention import MASK_VALUE, HaloAttention, window_index
+
+
+def naive_halo_attention(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
+    """Reference: explicit loops over blocks, heads and positions; padding EXCLUDED from the
+    softmax (not masked), so any mask bug in the layer shows as a mismatch."""
+    N, _, H, W = x.shape
+    b, h, w = layer.block_size, layer.halo_size, layer.win_size
+    nh, d = layer.heads, layer.dim_head
+    q = layer.q(x) * layer.scale  # [N, nh*d, H, W]
+    kv = layer.kv(x)
+    k_all, v_all = kv[:, : nh * d], kv[:, nh * d:]
+    rh, rw = layer.rel_pos.rel_height, layer.rel_pos.rel_width
+    out = torch.zeros(N, nh * d, H, W, dtype=x.dtype)
+    for n in range(N):
+        for head in range(nh):
+            ch = slice(head * d, (head + 1) * d)
+            for by in range(0, H, b):
+                for bx in range(0, W, b):
+                    for qy in range(by, by + b):
+                        for qx in range(bx, bx + b):
+                            qv = q[n, ch, qy, qx]
+                            logits, values = [], []
+                            for ky in range(by - h, by + b + h):
+                                for kx in range(bx - h, bx + b + h):
+                                    if not (0 <= ky < H and 0 <= kx < W):
+                                        continue  # padding: not part of the softmax at all
+                                    rel = rh[ky - qy + w - 1] + rw[kx - qx + w - 1]
+                                    logits.append(qv @ k_all[n, ch, ky, kx] + qv @ rel)
+                                    values.append(v_all[n, ch, ky, kx])
+                            a = torch.stack(logits).softmax(0)
+                            out[n, ch, qy, qx] = (a[:, None] * torch.stack(values)).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("size,block,halo,heads", [(8, 4, 1, 2), (6, 2, 2, 1), ((4, 8), 4, 3, 2)])
+def test_matches_naive_reference(size, block, halo, heads):
+    torch.manual_seed(0)
+    layer = HaloAttention(8, size, heads=heads, block_size=block, halo_size=halo, qkv_bias=True)
+    H, W = layer.feat_size
+    x = torch.randn(2, 8, H, W)
+    with torch.no_grad():
+        got = layer(x)
+        want = naive_halo_attention(layer, x)
+    assert got.shape == (2, 8, H, W)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_gets_exactly_zero_weight():
+    torch.manual_seed(0)
+    layer = HaloAttention(8, 8, heads=2, block_size=4, halo_size=2)
+    x = torch.randn(1, 8, 8, 8) * 10
+    with torch.no_grad():
+        _, attn = layer(x, return_attn=True)  # [N, nh, nb, b*b, w*w]
+    _, pad = window_index((8, 8), 4, 2)  # [nb, w*w] True = padding
+    pad = pad[None, None, :, None, :].expand_as(attn)
+    assert pad.any() and (~pad).any()
+    assert torch.all(attn[pad] == 0.0), "padding positions must get exactly zero weight"
+    assert torch.all(attn[~pad] > 0.0), "valid positions must keep a positive weight"
+    torch.testing.assert_close(attn.sum(-1), torch.ones_like(attn.sum(-1)))
+
+
+def test_window_index_mask_counts():
+    # 4x4 map, 2x2 blocks, halo 1: windows 4x4; corner windows have 7 padding positions.
+    _, pad = window_index((4, 4), 2, 1)
+    assert pad.shape == (4, 16)
+    assert pad.sum(1).tolist() == [7, 7, 7, 7]
+    _, pad = window_index((8, 8), 4, 0)
+    assert not pad.any()
+
+
+@pytest.mark.parametrize("size", [10, (8, 6)])
+def test_non_divisible_size_raises_at_construction(size):
+    with pytest.raises(ValueError, match="not a multiple of block_size"):
+        HaloAttention(8, size, heads=2, block_size=4, halo_size=1)
+
+
+def test_wrong_input_size_raises_at_call():
+    layer = HaloAttention(8, 8, heads=2, block_size=4, halo_size=1)
+    with pytest.raises(ValueError, match=r"expects \[N, 8, 8, 8\]"):
+        layer(torch.randn(1, 8, 12, 12))
+    with pytest.raises(ValueError, match="expects"):
+        layer(torch.randn(1, 4, 8, 8))
+
+
+def test_fully_padded_corner_no_nan():
+    """Block 1x1 with a halo of 3: a corner window is 40 of 49 padding; zero input too."""
+    torch.manual_seed(0)
+    layer = HaloAttention(4, 4, heads=1, block_size=1, halo_size=3)
+    for x in (torch.zeros(1, 4, 4, 4), torch.randn(1, 4, 4, 4) * 100):
+        with torch.no_grad():
+            out, attn = layer(x, return_attn=True)
+        assert torch.isfinite(out).all() and torch.isfinite(attn).all()
+        assert attn[0, 0, 0, 0].count_nonzero() == 16  # only the 4x4 map itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mask_value_safe_in_half_precision(dtype):
+    assert torch.isfinite(torch.tensor(MASK_VALUE, dtype=dtype))
+    logits = torch.randn(3, 10).to(dtype)
+    logits[:, 6:] = MASK_VALUE
+    logits[2] = MASK_VALUE  # a fully masked row stays finite (uniform), never NaN
+    p = logits.softmax(-1)
+    assert torch.isfinite(p).all()
+    assert torch.all(p[:2, 6:] == 0)
+    # the reference code's fill value turns into -inf in half precision
+    assert torch.isinf(torch.tensor(torch.finfo(torch.float32).min).to(torch.float16))
+
+
+def test_bfloat16_forward_matches_fp32():
+    torch.manual_seed(0)
+    layer = HaloAttention(8, 8, heads=2, block_size=4, halo_size=1)
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        ref, attn32 = layer(x, return_attn=True)
+        out, attn16 = layer.to(torch.bfloat16)(x.to(torch.bfloat16), return_attn=True)
+    assert torch.isfinite(out).all()
+    _, pad = window_index((8, 8), 4, 1)
+    assert torch.all(attn16[pad[None, None, :, None, :].expand_as(attn16)] == 0)
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_gradients_flow_to_rel_pos_and_projections():
+    layer = HaloAttention(8, 8, heads=2, block_size=4, halo_size=1)
+    layer(torch.randn(2, 8, 8, 8)).square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

