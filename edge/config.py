@@ -36,6 +36,9 @@ class CameraConfig(_Strict):
     kind: Literal["auto", "v4l2", "url", "gstreamer", "file", "folder", "synthetic"] = Field(
         "auto", description="how to open the source; auto guesses from the source string")
     loop: bool = Field(False, description="restart a video file or image folder at its end")
+    lossless: bool = Field(False, description="never drop frames: capture waits for inference instead of "
+                           "handing over only the newest frame (replaying recordings, tests, benchmarks; "
+                           "not for live cameras, whose frames would lag)")
     fps: float | None = Field(None, gt=0, description="cap on frames per second taken from the source")
     roi: tuple[int, int, int, int] | None = Field(None, description="region of interest x, y, width, height in pixels")
     threshold: float | None = Field(None, gt=0, description="per-camera image threshold override (normalised units, default from the bundle: 0.5)")
@@ -106,6 +109,10 @@ class PublishConfig(_Strict):
     max_rate_hz: float = Field(0, ge=0, description="per-camera cap on result messages per second (0 = none)")
     zmq_pub: str | None = Field("tcp://127.0.0.1:5560", description="local ZeroMQ PUB endpoint for results (null = off)")
     stats_interval_s: float = Field(10.0, gt=0, description="seconds between stats messages")
+    queue_size: int = Field(32, ge=1, description="results waiting for the publisher's encoder thread; beyond it results "
+                            "are dropped and counted (alarms are never dropped)")
+    min_region_area: int = Field(4, ge=1, description="defect regions smaller than this many frame pixels are not reported")
+    max_regions: int = Field(32, ge=1, description="at most this many regions (the largest) per result")
 
 
 class AlarmConfig(_Strict):
@@ -126,6 +133,8 @@ class EvidenceConfig(_Strict):
     enabled: bool = Field(True, description="save anomalous frames, masks and overlays")
     dir: Path = Field(Path("evidence"), description="folder inside state_dir")
     quota_mb: float = Field(500.0, gt=0, description="size quota; the oldest files are deleted first")
+    min_interval_s: float = Field(1.0, ge=0, description="per camera, at most one saved frame per this many seconds")
+    frame_format: Literal["jpg", "png"] = Field("jpg", description="format of the saved frame (png is lossless, larger)")
 
 
 class HealthConfig(_Strict):
@@ -167,11 +176,16 @@ class EdgeConfig(_Strict):
 
     def inside_state(self, path: Path) -> Path:
         """Resolve ``path`` inside ``state_dir``; refuse one that escapes it."""
-        root = self.state_dir.resolve()
-        full = (root / path).resolve()
-        if full != root and root not in full.parents:
-            raise ConfigError(f"{path} escapes state_dir {root}: use a path inside it")
-        return full
+        return inside_dir(self.state_dir, path)
+
+
+def inside_dir(root: Path, path: Path) -> Path:
+    """Resolve ``path`` inside ``root``; raise :class:`ConfigError` for one that escapes it."""
+    root = Path(root).resolve()
+    full = (root / path).resolve()
+    if full != root and root not in full.parents:
+        raise ConfigError(f"{path} escapes state_dir {root}: use a path inside it")
+    return full
 
 
 def _format_error(err: ValidationError) -> str:
@@ -199,7 +213,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> EdgeConfig:
 
 def _resolve_paths(cfg: EdgeConfig, base: Path) -> None:
     def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (base / p)
+        return p if p is None or p.is_absolute() else (base / p)
 
     cfg.model.bundle = fix(cfg.model.bundle)
     cfg.model.checkpoint = fix(cfg.model.checkpoint)

@@ -54,3 +54,5 @@ class CameraStatus:
     dropped: int = 0  # frames replaced by a newer one before inference took them
     errors: int = 0  # garbage / wrong-size / unreadable frames skipped
     since: float = field(default_factory=time.time)  # wall-clock time of the last state change
+    backend: str = ""  # inference backend scoring this camera's frames ("onnxruntime (CPU)", ...)
+    model_id: str = ""  # bundle model id, as in FrameResult.model_id

@@ -54,7 +54,10 @@ class Broker:
         workdir.mkdir(parents=True, exist_ok=True)
         base = extra_conf or "allow_anonymous true\n"
         listener = "" if "listener" in base else f"listener {self.port} 127.0.0.1\n"
-        self.conf.write_text(f"{listener}{base}persistence true\npersistence_location {workdir}/\n"
+        # run as root, mosquitto drops to user "mosquitto", which cannot read pytest's 0700 tmp
+        # folders (password/ACL/cert files, persistence, log): stay root there.
+        user = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+        self.conf.write_text(f"{listener}{base}{user}persistence true\npersistence_location {workdir}/\n"
                              f"log_dest file {workdir}/mosquitto.log\n")
         self.proc: subprocess.Popen | None = None
 

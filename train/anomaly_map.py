@@ -64,12 +64,14 @@ def compute_anomaly(features: torch.Tensor, recon: torch.Tensor, map_cfg: MapCfg
         raise ValueError(f"features {list(features.shape)} and recon {list(recon.shape)} must "
                          "both be [N, C, g, g]")
     g = features.shape[-1]
-    err = (features - recon).pow(2).mean(dim=1, keepdim=True)  # [N, 1, g, g]
+    # sum * 1/C and topk(1) instead of ReduceMean / ReduceMax: their opset-18 form (axes as an
+    # input) makes torch's dynamo exporter fail to down-convert to opset 17.
+    err = (features - recon).pow(2).sum(dim=1, keepdim=True) * (1.0 / features.shape[1])  # [N, 1, g, g]
     err = gaussian_blur_grid(err, map_cfg.sigma * g / out_size)
     amap = F.interpolate(err, size=(out_size, out_size), mode="bilinear", align_corners=False)
     flat = amap.flatten(1)  # [N, S*S]
     if map_cfg.score == "max":
-        score = flat.amax(dim=1)
+        score = flat.topk(1, dim=1).values[:, 0]  # == amax
     elif map_cfg.score == "topk":
         score = flat.topk(map_cfg.topk, dim=1).values.mean(dim=1)
     else:

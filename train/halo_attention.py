@@ -4,8 +4,8 @@ HaloNet: Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient V
 Backbones", arXiv 2103.12731; used in HaloAE (Mathian et al., arXiv 2208.03486) Block C.
 
 The map is cut into non-overlapping b x b query blocks. Each block attends to a
-(b + 2h) x (b + 2h) window: the block plus a halo of h pixels, taken from the map
-zero-padded by h. Padding positions are MASKED (they get exactly zero weight); the
+(b + 2h) x (b + 2h) window: the block plus a halo of h pixels. Window positions outside the
+map (the "padding") are MASKED (they get exactly zero weight); the
 reference HaloAE code masked the valid positions instead and used -finfo.max as fill,
 which becomes -inf in fp16 (NaN rows). We fill with the finite `MASK_VALUE`.
 
@@ -15,14 +15,15 @@ height and width tables of 2w - 1 learned vectors each (w = b + 2h):
 
 Export notes: the feature size is fixed at construction, so the window gather index and the
 padding mask are precomputed buffers; forward has no data-dependent control flow and uses only
-Pad, Gather, Reshape, Transpose, MatMul, Add, Where and Softmax (no Im2Col / Einsum).
+Gather, Reshape, Transpose, MatMul, Add, Where and Softmax (no Pad / Im2Col / Einsum). The
+gather index points padding positions at pixel 0 of the unpadded map: their keys are masked
+and their values get exactly zero weight, so no zero-padded copy of the map is needed.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 MASK_VALUE = -1.0e4  # finite in fp16 / bf16; exp(MASK_VALUE - max) == 0 in fp32 and fp16
@@ -34,24 +35,21 @@ def _pair(v: Union[int, tuple[int, int]]) -> tuple[int, int]:
 
 def window_index(feat_size: tuple[int, int], block_size: int, halo_size: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather index into the flattened zero-padded map and its padding mask.
+    """Gather index into the flattened (unpadded) map and the padding mask of every window.
 
-    Returns ``index`` [nb * w * w] (int64) and ``pad_mask`` [nb, w * w] (bool, True where the
-    window position is padding), blocks in row-major order, window positions row-major.
+    Returns ``index`` [nb * w * w] (int64; padding positions point at pixel 0, any valid pixel
+    would do since they are masked) and ``pad_mask`` [nb, w * w] (bool, True where the window
+    position lies outside the map); blocks and window positions in row-major order.
     """
     H, W = feat_size
     b, h = block_size, halo_size
-    w, Wp = b + 2 * h, W + 2 * h
-    by = torch.arange(H // b) * b  # block origins in padded coordinates (halo shifts cancel)
-    bx = torch.arange(W // b) * b
-    u = torch.arange(w)
-    rows = by[:, None, None, None] + u[None, None, :, None]  # [nbh, 1, w, 1]
-    cols = bx[None, :, None, None] + u[None, None, None, :]  # [1, nbw, 1, w]
-    index = (rows * Wp + cols).reshape(-1)  # [nb * w * w]
-    valid_r = (rows >= h) & (rows < H + h)
-    valid_c = (cols >= h) & (cols < W + h)
-    pad_mask = ~(valid_r & valid_c).reshape(-1, w * w)  # [nb, w * w]
-    return index, pad_mask
+    w = b + 2 * h
+    u = torch.arange(w) - h
+    rows = (torch.arange(H // b) * b)[:, None, None, None] + u[None, None, :, None]  # [nbh, 1, w, 1]
+    cols = (torch.arange(W // b) * b)[None, :, None, None] + u[None, None, None, :]  # [1, nbw, 1, w]
+    valid = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)  # [nbh, nbw, w, w]
+    index = torch.where(valid, rows * W + cols, torch.zeros((), dtype=torch.long))
+    return index.reshape(-1), ~valid.reshape(-1, w * w)  # [nb*w*w], [nb, w*w]
 
 
 class RelPosEmb(nn.Module):
@@ -137,7 +135,7 @@ class HaloAttention(nn.Module):
             raise ValueError(f"HaloAttention expects [N, {self.dim}, {self.feat_size[0]}, "
                              f"{self.feat_size[1]}], got {list(x.shape)}")
         H, W = self.feat_size
-        b, h, w, nh, d = self.block_size, self.halo_size, self.win_size, self.heads, self.dim_head
+        b, w, nh, d = self.block_size, self.win_size, self.heads, self.dim_head
         nbh, nbw, nb = H // b, W // b, self.num_blocks
 
         q = self.q(x) * self.scale
@@ -145,8 +143,8 @@ class HaloAttention(nn.Module):
         q = q.permute(0, 1, 3, 5, 4, 6, 2)  # [N, nh, nbh, nbw, b, b, d]
         q = q.reshape(-1, nb, b * b, d)  # [N*nh, nb, b*b, d]
 
-        kv = F.pad(self.kv(x), (h, h, h, h))  # [N, 2*nh*d, H+2h, W+2h]
-        kv = kv.flatten(2).index_select(2, self.win_index)  # [N, 2*nh*d, nb*w*w]
+        kv = self.kv(x).flatten(2)  # [N, 2*nh*d, H*W]
+        kv = kv.index_select(2, self.win_index)  # [N, 2*nh*d, nb*w*w] (padding -> pixel 0, masked)
         kv = kv.reshape(-1, 2, nh, d, nb, w * w)  # [N, 2, nh, d, nb, w*w]
         kv = kv.permute(1, 0, 2, 4, 5, 3)  # [2, N, nh, nb, w*w, d]
         kv = kv.reshape(2, -1, nb, w * w, d)  # [2, N*nh, nb, w*w, d]

@@ -1,0 +1,106 @@
+"""``haloae-edge``: the inspection daemon (camera → HaloAE → MQTT).
+
+User errors (bad config, missing file, bad bundle, missing camera library, unavailable
+backend) print ONE line ``haloae-edge: <kind> error: <key path>: <what to do>`` on stderr and
+exit with code 2 (systemd: ``RestartPreventExitStatus=2``); no traceback. Imports nothing
+heavy (no torch, no onnx, no onnxruntime) until a backend is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import EXIT_CONFIG, ConfigError, load_config
+
+EPILOG = """examples:
+  haloae-edge --config configs/edge/one-camera.yaml
+  haloae-edge --config configs/edge/one-camera.yaml --validate-config
+  haloae-edge --config replay.yaml --exit-when-done --log-level DEBUG
+  systemctl reload haloae-edge   # SIGHUP: re-verify and reload the bundle, MQTT stays connected
+
+exit codes: 0 stopped, 1 runtime failure (systemd restarts it), 2 configuration error.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="haloae-edge", description=__doc__.splitlines()[0].split(": ", 1)[1],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="daemon YAML (see configs/edge/*.yaml)")
+    p.add_argument("--validate-config", action="store_true",
+                   help="check the config, its files, camera sources and the bundle, then exit (0 = valid)")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="exit when every camera is a finite file/folder that has ended and all frames are "
+                        "published (replays, tests, benchmarks)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="override health.log_level")
+    return p.parse_args(argv)
+
+
+def _setup_logging(level: str) -> None:
+    # under systemd (JOURNAL_STREAM set) journald adds the time itself
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(stream=sys.stderr, level=level, format=fmt)
+    for noisy in ("urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(kind: str, msg: str) -> int:
+    print(f"haloae-edge: {kind} error: {' '.join(str(msg).split())}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _quiet_opencv() -> None:
+    import cv2
+
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # older OpenCV without the logging module
+        pass
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _fail("config", e)
+    _setup_logging(args.log_level or cfg.health.log_level)
+    _quiet_opencv()
+    from haloae.export.bundle import BundleError
+
+    from .app import EdgeApp
+    from .backends import BackendUnavailable
+
+    app = EdgeApp(cfg, exit_when_done=args.exit_when_done)
+    try:
+        app.prepare()
+    except ConfigError as e:
+        return _fail("config", e)
+    except BundleError as e:
+        return _fail("bundle", f"model.bundle: {e}")
+    except BackendUnavailable as e:
+        return _fail("backend", f"model.backend: {e}")
+    if args.validate_config:
+        print(f"haloae-edge: config OK: node {cfg.node}, {len(cfg.cameras)} camera(s), "
+              f"bundle {cfg.model.bundle}, backend {app.backend.description}")
+        return 0
+    app.install_signal_handlers()
+    return app.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    code = run(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # capture threads blocked in a camera read cannot be joined; do not let them delay the exit
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

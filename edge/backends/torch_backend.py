@@ -1,0 +1,59 @@
+"""torch backend (debugging): the training checkpoint through ``HaloAEInference``.
+
+The only edge module allowed to import torch and ``haloae.train``, and only when the backend is
+built. It outputs the same normalised ``(score, anomaly_map)`` as the bundle's graph, so
+comparing it with ONNX Runtime on the same frames tells an export problem from a model problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from . import Backend, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class TorchBackend(Backend):
+    """Runs the checkpoint with torch on CUDA when available, else CPU."""
+
+    name = "torch"
+
+    def __init__(self, manifest: dict, checkpoint: Path | None, threads: int = 0, device: str | None = None):
+        if checkpoint is None:
+            raise BackendUnavailable("the torch backend needs model.checkpoint (the training final.pt)")
+        try:
+            import torch
+            from haloae.train.checkpoint import CheckpointError, load_checkpoint
+            from haloae.train.inference import HaloAEInference
+        except ImportError as exc:
+            raise BackendUnavailable(f"torch / haloae training code is not installed ({exc}): "
+                                     "pip install 'haloae[train]'") from None
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            model, ckpt = load_checkpoint(checkpoint, device=self.device)
+            self.module = HaloAEInference(model, ckpt.get("calibration") or {}).to(self.device).eval()
+        except (CheckpointError, ValueError) as exc:
+            raise BackendUnavailable(f"torch backend: {exc}") from None
+        self.input_shape = tuple(manifest["input"]["shape"])
+        size = self.module.cfg.input_size
+        if tuple(self.input_shape[2:]) != (size, size):
+            raise BackendUnavailable(f"checkpoint {checkpoint} takes {size}x{size} inputs but the bundle "
+                                     f"{list(self.input_shape)}: use the checkpoint the bundle was exported from")
+        log.info("torch %s: %s on %s", torch.__version__, checkpoint, self.device)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = self.torch.from_numpy(self.check_batch(batch)).to(self.device)
+        with self.torch.inference_mode():
+            score, amap = self.module(x)
+        return (score.float().cpu().numpy().astype(np.float32, copy=False),
+                amap.float().cpu().numpy().astype(np.float32, copy=False))
+
+    def close(self) -> None:
+        self.module = None

@@ -1,0 +1,166 @@
+"""The inference worker: newest frame of every camera → batch → backend → ``FrameResult``s.
+
+One thread per GPU (one per daemon here). It takes up to ``batch`` waiting frames across cameras
+(at most one per camera: the newest, see edge/ipc.py), preprocesses them exactly like training
+(``haloae.train.data.to_model_input``: RGB, resize to the model's input size with
+``cv2.INTER_AREA``, × 1/255, HWC → CHW float32), pads the batch with zeros up to the bundle's
+static batch size, runs the backend and hands one :class:`FrameResult` per frame to the sink
+(``Publisher.publish_result``). A frame is anomalous when ``score >= threshold``; the threshold
+is the runtime setting (MQTT ``threshold/set``), else the camera's ``threshold``, else the
+bundle's (0.5 in normalised units). The defect mask is ``anomaly_map >= pixel threshold``.
+
+The backend can be swapped while running (SIGHUP reload): the swap happens between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .backends import Backend
+from .config import CameraConfig
+from .frames import FrameResult
+from .ipc import Frame, LatestFrames
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+MAX_FAILURES_IN_A_ROW = 10  # the backend keeps failing: give up, systemd restarts the daemon
+
+
+def preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """RGB uint8 HxWx3 -> float32 [3, height, width] in [0, 1] (= train/data.to_model_input)."""
+    if rgb.shape[:2] != (height, width):
+        rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+    x = rgb.astype(np.float32) * (1.0 / 255.0)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # 3, H, W
+
+
+def model_id(manifest: dict, bundle_hash: str) -> str:
+    """Id of the running model: the manifest's ``model.id``, else ``<model.name>-<bundle hash>``."""
+    model = manifest.get("model", {})
+    return str(model.get("id") or f"{model.get('name', 'haloae')}-{bundle_hash[:12]}")
+
+
+class InferenceWorker(threading.Thread):
+    """Scores frames until stopped; ``fatal`` is set when the backend keeps failing."""
+
+    def __init__(self, backend: Backend, manifest: dict, model_id: str, frames: LatestFrames,
+                 sink: Callable[[FrameResult], None], stats: Stats, cameras: list[CameraConfig],
+                 batch_size: int = 1, on_scored: Callable[[], None] | None = None):
+        super().__init__(name="inference", daemon=True)
+        self.frames, self.sink, self.stats, self.on_scored = frames, sink, stats, on_scored
+        self.batch_size = batch_size
+        self._cam_threshold = {c.id: c.threshold for c in cameras}
+        self._runtime_threshold: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop_evt = threading.Event()
+        self.fatal: str | None = None
+        self.processed = 0  # frames scored or failed
+        self.heartbeat = time.monotonic()  # last time the loop turned (watchdog when idle)
+        self._pending: tuple | None = None
+        self._apply(backend, manifest, model_id)
+
+    # -- settings ---------------------------------------------------------------------------
+    def set_backend(self, backend: Backend, manifest: dict, model_id: str) -> None:
+        """Use ``backend`` from the next batch on; the worker closes the previous one."""
+        with self._lock:
+            self._pending = (backend, manifest, model_id)
+
+    def _apply(self, backend: Backend, manifest: dict, model_id: str) -> None:
+        n = backend.input_shape[0]
+        if self.batch_size > n:
+            log.warning("model.batch_size %d > the bundle's batch %d: batching %d frames", self.batch_size, n, n)
+        elif self.batch_size < n:
+            log.warning("the bundle's static batch is %d but model.batch_size is %d: each call is padded "
+                        "to %d frames; export with --batch %d or raise model.batch_size", n, self.batch_size, n,
+                        self.batch_size)
+        with self._lock:
+            self.backend, self.manifest, self.model_id = backend, manifest, model_id
+            self.bundle_threshold = float(manifest["threshold"].get("image", 0.5))
+            self.pixel_threshold = float(manifest["threshold"].get("pixel", 0.5))
+
+    def set_threshold(self, camera: str | None, value: float | None) -> None:
+        """Runtime image threshold of one camera (``None`` camera: all); ``None`` value resets."""
+        with self._lock:
+            for cam in ([camera] if camera else list(self._cam_threshold)):
+                if value is None:
+                    self._runtime_threshold.pop(cam, None)
+                else:
+                    self._runtime_threshold[cam] = float(value)
+
+    def threshold(self, camera: str) -> float:
+        with self._lock:
+            for value in (self._runtime_threshold.get(camera), self._cam_threshold.get(camera)):
+                if value is not None:
+                    return value
+            return self.bundle_threshold
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+
+    # -- loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        failures = 0
+        while not self._stop_evt.is_set():
+            self.heartbeat = time.monotonic()
+            with self._lock:
+                pending, self._pending = self._pending, None
+            if pending is not None:
+                old = self.backend
+                self._apply(*pending)
+                if old is not pending[0]:
+                    old.close()
+            backend = self.backend
+            frames = self.frames.take(min(self.batch_size, backend.input_shape[0]), timeout=0.2)
+            if not frames:
+                continue
+            try:
+                self._score(backend, frames)
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - count, log, retry; give up after a long run
+                failures += 1
+                self.stats.record_error()
+                log.error("inference failed on %d frame(s) (%d in a row): %s", len(frames), failures, exc,
+                          exc_info=failures == 1)
+                if failures >= MAX_FAILURES_IN_A_ROW:
+                    self.fatal = f"the {backend.name} backend failed {failures} times in a row: {exc}"
+                    return
+                self._stop_evt.wait(min(0.1 * failures, 1.0))
+            finally:
+                self.processed += len(frames)
+
+    def _score(self, backend: Backend, frames: list[Frame]) -> None:
+        picked = time.monotonic()
+        n, _, h, w = backend.input_shape
+        batch = np.zeros((n, 3, h, w), np.float32)
+        for i, f in enumerate(frames):
+            batch[i] = preprocess(f.image, h, w)
+        t0 = time.perf_counter()
+        scores, maps = backend.run(batch)
+        infer_ms = (time.perf_counter() - t0) * 1000.0
+        self.stats.record_batch(len(frames), infer_ms)
+        with self._lock:
+            mid, pix = self.model_id, self.pixel_threshold
+        for i, f in enumerate(frames):
+            thr = self.threshold(f.camera)
+            score = float(scores[i])
+            latency = {"capture": round(f.capture_ms, 2),
+                       "queue": round(max(picked - f.sent_mono, 0.0) * 1000.0, 2),
+                       "inference": round(infer_ms, 2),
+                       "total": round((time.time() - f.timestamp) * 1000.0, 2)}
+            result = FrameResult(camera=f.camera, frame_id=f.frame_id, timestamp=f.timestamp, score=score,
+                                 threshold=thr, pixel_threshold=pix, anomalous=bool(score >= thr),
+                                 anomaly_map=maps[i, 0], frame=f.image, latency_ms=latency, model_id=mid)
+            self.stats.record(f.camera, latency, result.anomalous)
+            try:
+                self.sink(result)
+            except Exception:  # noqa: BLE001 - a publishing bug must not stop inspection
+                log.exception("publishing the result of %s frame %d failed", f.camera, f.frame_id)
+        if self.on_scored is not None:
+            self.on_scored()

@@ -1,0 +1,133 @@
+"""haloae-monitor: print HaloAE results and alarms as they arrive (the example to copy).
+
+Subscribes to ``<prefix>/+/result``, ``<prefix>/+/alarm`` and ``<prefix>/available`` (and
+``<prefix>/+/mask`` with ``--save-masks``); prints one line per result and a highlighted line
+per alarm event. Replace ``on_alarm`` with what your plant needs (a PLC output, a text
+message, an MES call). Alarm events are QoS 1 and may arrive twice: drop repeats by
+``(id, seq)``, as done here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+EPILOG = """examples:
+  haloae-monitor --broker localhost                       # every node under haloae/
+  haloae-monitor --broker mqtt.plant:8883 --tls-ca ca.crt --username monitor --prefix haloae/line1
+  haloae-monitor --broker localhost --save-masks masks/ --count 100
+  HALOAE_MQTT_PASSWORD=secret haloae-monitor --broker localhost --username ops --json
+"""
+_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RED, BOLD, RESET = "\033[31m", "\033[1m", "\033[0m"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="haloae-monitor", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--broker", required=True, help="HOST or HOST:PORT (port 1883, or 8883 with --tls-ca)")
+    p.add_argument("--prefix", default="haloae/+", help="topic prefix; default haloae/+ (all nodes)")
+    p.add_argument("--username", help="MQTT user; the password is read from $HALOAE_MQTT_PASSWORD")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate: connect with TLS")
+    p.add_argument("--save-masks", type=Path, metavar="DIR", help="save each mask PNG as DIR/<camera>_<frame>.png")
+    p.add_argument("--count", type=int, help="exit after this many results")
+    p.add_argument("--timeout", type=float, help="exit after this many seconds (exit code 1 if --count was not reached)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON payloads, one per line")
+    return p.parse_args(argv)
+
+
+class Monitor:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.results, self.done = args, 0, threading.Event()
+        self.last_frame: dict[str, int] = {}  # camera -> frame id of its last result (names mask files)
+        self.seen: set[tuple[str, int]] = set()  # (alarm id, seq): drops QoS 1 repeats
+        self.color = sys.stdout.isatty()
+
+    def on_connect(self, client, userdata, flags, reason, properties):
+        if reason.is_failure:
+            print(f"broker refused the connection: {reason}", file=sys.stderr)
+            return
+        kinds = ["result", "alarm"] + (["mask"] if self.args.save_masks else [])
+        client.subscribe([(f"{self.args.prefix}/+/{k}", 1) for k in kinds] + [(f"{self.args.prefix}/available", 1)])
+
+    def on_message(self, client, userdata, msg):
+        parts = msg.topic.split("/")
+        camera, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("?", "?")
+        if kind == "available":
+            print(f"{'/'.join(parts[:-1])} is {msg.payload.decode(errors='replace')}", flush=True)
+        elif kind == "mask":
+            self.save_mask(camera, msg.payload)
+        elif kind in ("result", "alarm"):
+            try:
+                doc = json.loads(msg.payload)
+            except ValueError:
+                print(f"{msg.topic}: not JSON ({len(msg.payload)} bytes)", file=sys.stderr)
+                return
+            if kind == "result":
+                self.on_result(doc)
+            elif (doc.get("id"), doc.get("seq")) not in self.seen:
+                self.seen.add((doc.get("id"), doc.get("seq")))
+                self.on_alarm(doc)
+
+    def on_result(self, r: dict):
+        self.last_frame[r.get("camera", "?")] = r.get("frame_id", 0)
+        if self.args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            boxes = " ".join(f"[{g['x']},{g['y']} {g['w']}x{g['h']}]" for g in r.get("regions", [])[:4])
+            print(f"{r.get('timestamp')} {r.get('camera')} frame {r.get('frame_id')} score {r.get('score')} "
+                  f"{r.get('verdict')} {boxes}".rstrip(), flush=True)
+        self.results += 1
+        if self.args.count and self.results >= self.args.count:
+            self.done.set()
+
+    def on_alarm(self, a: dict):
+        """Raise your alarm here: a['event'] is start / update / end, a['id'] names the alarm."""
+        if self.args.json:
+            print(json.dumps(a), flush=True)
+            return
+        line = (f"ALARM {a.get('event', '?').upper()} {a.get('camera')} id {a.get('id')} "
+                f"score {a.get('score')} max {a.get('max_score')} frames {a.get('anomalous_frames')}/{a.get('frames')}")
+        print(f"{BOLD}{RED}{line}{RESET}" if self.color else line, flush=True)
+
+    def save_mask(self, camera: str, png: bytes):
+        if not _SAFE.match(camera):  # a topic level becomes a file name: keep it harmless
+            return
+        self.args.save_masks.mkdir(parents=True, exist_ok=True)
+        (self.args.save_masks / f"{camera}_{self.last_frame.get(camera, 0)}.png").write_bytes(png)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    host, _, port = args.broker.partition(":")
+    mon = Monitor(args)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_connect, client.on_message = mon.on_connect, mon.on_message
+    if args.username:
+        client.username_pw_set(args.username, os.environ.get("HALOAE_MQTT_PASSWORD"))
+    if args.tls_ca:
+        client.tls_set(ca_certs=str(args.tls_ca))
+    client.connect_async(host, int(port or (8883 if args.tls_ca else 1883)))
+    client.loop_start()
+    try:
+        finished = mon.done.wait(args.timeout)
+    except KeyboardInterrupt:
+        finished = True
+    client.disconnect()
+    client.loop_stop()
+    if not finished and args.count:
+        print(f"timed out after {args.timeout:g} s with {mon.results} of {args.count} results", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

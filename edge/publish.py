@@ -1,0 +1,367 @@
+"""The publisher: topic layout, payloads (schema version ``v``), alarms, settings topics.
+
+The inference worker calls :meth:`Publisher.publish_result` for every scored frame. That call
+only runs the alarm debounce (cheap) and appends the result to a bounded queue; one encoder
+thread does the rest (mask at frame resolution, regions, PNG/JPEG encoding, MQTT, the local
+ZeroMQ PUB, evidence files). When that queue is full the result is dropped and counted; alarm
+events are never dropped: they go to the on-disk outbox (``outbox.py``) and are published at
+QoS 1 by its sender thread. Topics and payloads are documented in ``docs/mqtt.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import regions
+from .alarms import SCHEMA_VERSION, AlarmEvent, AlarmTracker, iso_utc, num
+from .config import EdgeConfig, inside_dir
+from .evidence import EvidenceStore
+from .mqtt_client import MqttClient
+from .outbox import Outbox, OutboxSender
+
+log = logging.getLogger(__name__)
+
+MAX_SETTING_BYTES = 256
+SettingCallback = Callable[[str | None, str, Any], None]
+
+
+class SettingError(ValueError):
+    """A rejected ``.../set`` message; the text goes to ``<prefix>/error``."""
+
+
+def parse_threshold(payload: bytes) -> float:
+    """A threshold from a ``set`` payload: plain text number, finite, in (0, 10]."""
+    if len(payload) > MAX_SETTING_BYTES:
+        raise SettingError(f"payload of {len(payload)} bytes is too long (at most {MAX_SETTING_BYTES})")
+    try:
+        text = payload.decode("utf-8").strip()
+        value = float(text)
+    except (UnicodeDecodeError, ValueError):
+        raise SettingError("not a number: send the threshold as plain text, e.g. 0.6") from None
+    if not math.isfinite(value) or not 0 < value <= 10:
+        raise SettingError(f"threshold must be a finite number in (0, 10], got {text[:32]!r}")
+    return value
+
+
+SETTINGS: dict[str, Callable[[bytes], Any]] = {"threshold": parse_threshold}
+
+
+def result_payload(node: str, r, regions_: list[dict], alarm_id: str | None) -> dict:
+    """The JSON document of ``<prefix>/<camera>/result`` (see docs/mqtt.md)."""
+    h, w = r.frame.shape[:2]
+    lat = {k: num(v, 2) for k, v in (r.latency_ms or {}).items()}
+    return {"v": SCHEMA_VERSION, "node": node, "camera": r.camera, "frame_id": int(r.frame_id),
+            "timestamp": iso_utc(r.timestamp), "epoch": round(float(r.timestamp), 3),
+            "score": num(r.score), "verdict": "defect" if r.anomalous else "ok",
+            "threshold": float(r.threshold), "pixel_threshold": float(r.pixel_threshold),
+            "latency_ms": lat, "model": r.model_id, "width": w, "height": h,
+            "regions": regions_, "alarm": alarm_id}
+
+
+class Publisher:
+    """MQTT + ZeroMQ + evidence for the daemon. Thread-safe; see docs/mqtt.md for topics.
+
+    ``on_setting(camera | None, setting, value)`` is called on the publisher's thread for a
+    validated ``set`` message (camera None = all cameras); raise ValueError to reject it.
+    """
+
+    def __init__(self, cfg: EdgeConfig, state_dir: Path, on_setting: SettingCallback | None = None):
+        self.cfg, self.node, self.prefix = cfg, cfg.node, cfg.prefix
+        self.cameras = [c.id for c in cfg.cameras]
+        self._on_setting = on_setting
+        state_dir = Path(state_dir)
+        self.outbox = Outbox(inside_dir(state_dir, Path("outbox.sqlite")), cfg.alarms.outbox_max_events)
+        self.client = MqttClient(cfg.mqtt, self.prefix, cfg.mqtt.client_id or f"haloae-{self.node}",
+                                 subscriptions=[f"{self.prefix}/+/set", f"{self.prefix}/+/+/set"],
+                                 on_message=self._on_mqtt_message, on_connect=self._on_connect,
+                                 on_publish=self._wake_sender)
+        self.sender = OutboxSender(self.outbox, self.client)
+        self.evidence = (EvidenceStore(inside_dir(state_dir, cfg.evidence.dir), int(cfg.evidence.quota_mb * 1e6))
+                         if cfg.evidence.enabled else None)
+        self._trackers: dict[str, AlarmTracker] = {}
+        self._alarm_lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._results: deque = deque()
+        self._control: deque = deque()
+        self._retained: dict[str, bytes] = {}  # republished on every (re)connect
+        self._last_sent: dict[str, float] = {}
+        self._last_evidence: dict[str, float] = {}
+        self._zero_png: dict[tuple[int, int], bytes] = {}
+        self._stopping = False
+        self._started = False
+        self.counters = {"results": 0, "dropped": 0, "offline_skipped": 0, "alarm_events": 0,
+                         "settings_rejected": 0, "errors": 0}
+        self._worker = threading.Thread(target=self._run, name="haloae-publish", daemon=True)
+
+    # --- API for the daemon -----------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
+    def start(self) -> None:
+        self._started = True
+        self._worker.start()
+        self.sender.start()
+        self.client.start()
+        self.sender.wake()  # events left by a previous run go out on the first connect
+
+    def publish_result(self, r) -> None:
+        """Debounce alarms and queue the result for encoding; never blocks."""
+        if self._stopping:
+            return
+        with self._alarm_lock:
+            tracker = self._tracker(r.camera)
+            events = tracker.update(r.anomalous, r.score, r.frame_id, r.timestamp, r.threshold)
+            alarm_id = tracker.active_id or (events[0].id if events else None)
+        with self._cv:
+            self._control.extend(("alarm", ev) for ev in events)
+            if len(self._results) >= self.cfg.publish.queue_size:
+                self.counters["dropped"] += 1
+                if self.counters["dropped"] in (1, 100) or self.counters["dropped"] % 10000 == 0:
+                    log.warning("publisher queue full: %d result(s) dropped so far (encoding or MQTT too slow; "
+                                "lower the rate, disable publish.overlay or raise publish.queue_size)",
+                                self.counters["dropped"])
+            else:
+                self._results.append((r, alarm_id))
+            self._cv.notify()
+
+    def publish_camera_status(self, s) -> None:
+        """Retained ``<prefix>/<camera>/status``; ends a running alarm of a camera that went away."""
+        if s.state in ("offline", "ended"):
+            with self._alarm_lock:
+                events = self._tracker(s.camera).close(f"camera_{s.state}", time.time())
+            self._submit(*(("alarm", ev) for ev in events))
+        doc = {"v": SCHEMA_VERSION, "camera": s.camera, "state": s.state, "detail": s.detail,
+               "frames": s.frames, "dropped": s.dropped, "errors": s.errors,
+               "since": iso_utc(s.since), "since_epoch": round(s.since, 3),
+               "backend": getattr(s, "backend", ""), "model": getattr(s, "model_id", ""),
+               "timestamp": iso_utc(time.time())}
+        self._submit(("retained", f"{self.prefix}/{s.camera}/status", _dumps(doc)))
+
+    def publish_stats(self, d: dict) -> None:
+        """``<prefix>/stats`` (QoS 0, not retained); the publisher adds its own counters."""
+        self._submit(("stats", dict(d)))
+
+    def set_state(self, camera: str | None, setting: str, value: Any) -> None:
+        """Retained ``<prefix>/<camera>/<setting>/state`` (camera None: every camera)."""
+        for cam in [camera] if camera else self.cameras:
+            self._submit(("retained", f"{self.prefix}/{cam}/{setting}/state", _state_text(value).encode()))
+
+    def stats(self) -> dict:
+        return {**self.counters, "queue": len(self._results), "outbox_pending": len(self.outbox),
+                "outbox_dropped": self.outbox.dropped, "alarms_delivered": self.sender.delivered,
+                "connected": self.connected}
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """End running alarms, deliver what the broker takes within ``timeout``, publish
+        ``available`` = ``stopped``, disconnect. Undelivered alarm events stay in the outbox."""
+        if self._stopping:
+            return
+        deadline = time.monotonic() + timeout
+        self._stopping = True
+        with self._alarm_lock:
+            events = [ev for t in self._trackers.values() for ev in t.close("shutdown", time.time())]
+        with self._cv:
+            self._control.extend(("alarm", ev) for ev in events)
+            self.counters["dropped"] += len(self._results)
+            self._results.clear()
+            self._cv.notify()
+        if self._started:
+            self._worker.join(max(0.1, 0.25 * timeout))
+            if self.client.connected:
+                self.sender.flush(max(0.0, 0.5 * (deadline - time.monotonic())))
+            self.sender.stop(0.2)
+            self.client.stop(max(0.1, deadline - time.monotonic()))
+        if len(self.outbox):
+            log.warning("%d alarm event(s) not yet acknowledged stay in the outbox; the next start delivers them",
+                        len(self.outbox))
+        self.outbox.close()
+
+    # --- callbacks from paho's thread -------------------------------------------------------
+    def _on_connect(self) -> None:
+        self._submit(("connected",))
+        self.sender.wake()
+
+    def _wake_sender(self) -> None:
+        self.sender.wake()
+
+    def _on_mqtt_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic.endswith("/set"):
+            self._submit(("setting", topic, payload[:MAX_SETTING_BYTES + 1], len(payload)))
+
+    # --- the encoder thread -----------------------------------------------------------------
+    def _submit(self, *items) -> None:
+        with self._cv:
+            self._control.extend(items)
+            self._cv.notify()
+
+    def _run(self) -> None:
+        pub = None
+        if self.cfg.publish.zmq_pub:
+            from .ipc import ResultPub  # zmq sockets belong to the thread that uses them
+            try:
+                pub = ResultPub(self.cfg.publish.zmq_pub)
+            except Exception as err:
+                log.error("cannot bind the local ZeroMQ PUB %s: %s (set publish.zmq_pub to a free endpoint or null); "
+                          "MQTT publishing goes on", self.cfg.publish.zmq_pub, err)
+        while True:
+            with self._cv:
+                while not (self._control or self._results or self._stopping):
+                    self._cv.wait()
+                if self._control:
+                    item = self._control.popleft()
+                elif self._results:
+                    item = ("result", *self._results.popleft())
+                else:
+                    break  # stopping and drained
+            try:
+                self._handle(item, pub)
+            except Exception:
+                self.counters["errors"] += 1
+                log.exception("publisher failed on a %s message; going on", item[0])
+        if pub is not None:
+            pub.close()
+
+    def _handle(self, item: tuple, pub) -> None:
+        kind = item[0]
+        if kind == "alarm":
+            self._store_alarm(item[1])
+        elif kind == "result":
+            self._send_result(item[1], item[2], pub)
+        elif kind == "retained":
+            self._retained[item[1]] = item[2]
+            if self.client.connected:
+                self.client.publish(item[1], item[2], qos=1, retain=True)
+        elif kind == "stats":
+            doc = {"v": SCHEMA_VERSION, "node": self.node, "timestamp": iso_utc(time.time()),
+                   "epoch": round(time.time(), 3), **item[1], "publisher": self.stats()}
+            if self.client.connected:
+                self.client.publish(f"{self.prefix}/stats", _dumps(doc), qos=0)
+        elif kind == "setting":
+            self._apply_setting(*item[1:])
+        elif kind == "connected":
+            for topic, payload in self._retained.items():
+                self.client.publish(topic, payload, qos=1, retain=True)
+
+    def _store_alarm(self, ev: AlarmEvent) -> None:
+        self.outbox.add(ev.kind, f"{self.prefix}/{ev.camera}/alarm", _dumps(ev.payload()))
+        self.counters["alarm_events"] += 1
+        self.sender.wake()
+        log.info("alarm %s %s on %s (score %.3f, frame %d)", ev.kind, ev.id, ev.camera, ev.score, ev.frame_id)
+
+    def _send_result(self, r, alarm_id: str | None, pub) -> None:
+        to_mqtt = self._want_mqtt(r)
+        to_evidence = self.evidence is not None and r.anomalous and self._evidence_due(r.camera)
+        if not (to_mqtt or to_evidence or pub is not None):
+            return  # nobody takes this result: skip the encoding
+        h, w = r.frame.shape[:2]
+        if float(np.max(r.anomaly_map)) >= r.pixel_threshold:
+            amap = regions.resize_map(r.anomaly_map, w, h)
+            mask = regions.binary_mask(amap, r.pixel_threshold)
+            found = regions.find_regions(mask, amap, self.cfg.publish.min_region_area, self.cfg.publish.max_regions)
+        else:  # nothing above the pixel threshold: an empty mask, no resize needed
+            amap, mask, found = None, None, []
+        payload = _dumps(result_payload(self.node, r, found, alarm_id))
+        mask_png = self._mask_png(mask, w, h)
+        topic = f"{self.prefix}/{r.camera}"
+        if pub is not None:
+            pub.send(f"{topic}/result", payload, mask_png)
+        if to_mqtt:
+            q = self.cfg.mqtt.qos_results
+            self.client.publish(f"{topic}/result", payload, qos=q)
+            if self.cfg.publish.mask:
+                self.client.publish(f"{topic}/mask", mask_png, qos=q)
+            if self.cfg.publish.overlay and r.anomalous:
+                self.client.publish(f"{topic}/overlay", self._overlay_jpeg(r, amap, mask), qos=q)
+            self.counters["results"] += 1
+        if to_evidence:
+            self._save_evidence(r, amap, mask, mask_png, payload)
+
+    def _want_mqtt(self, r) -> bool:
+        mode = self.cfg.publish.results
+        if mode == "none" or (mode == "anomalous" and not r.anomalous):
+            return False
+        if not self.client.connected:
+            self.counters["offline_skipped"] += 1  # results are live data: no backlog while offline
+            return False
+        rate = self.cfg.publish.max_rate_hz
+        now = time.monotonic()
+        if rate and now - self._last_sent.get(r.camera, -math.inf) < 1.0 / rate:
+            return False
+        self._last_sent[r.camera] = now
+        return True
+
+    def _mask_png(self, mask: np.ndarray | None, w: int, h: int) -> bytes:
+        if mask is not None:
+            return regions.encode_png(mask)
+        if (w, h) not in self._zero_png:
+            self._zero_png[(w, h)] = regions.encode_png(np.zeros((h, w), np.uint8))
+        return self._zero_png[(w, h)]
+
+    def _overlay_jpeg(self, r, amap, mask) -> bytes:
+        h, w = r.frame.shape[:2]
+        amap = regions.resize_map(r.anomaly_map, w, h) if amap is None else amap
+        mask = np.zeros((h, w), np.uint8) if mask is None else mask
+        return regions.encode_jpeg(regions.overlay_rgb(r.frame, amap, mask), quality=85)
+
+    def _evidence_due(self, camera: str) -> bool:
+        now = time.monotonic()
+        if now - self._last_evidence.get(camera, -math.inf) < self.cfg.evidence.min_interval_s:
+            return False
+        self._last_evidence[camera] = now
+        return True
+
+    def _save_evidence(self, r, amap, mask, mask_png: bytes, payload: bytes) -> None:
+        ext = self.cfg.evidence.frame_format
+        frame = regions.encode_png(np.ascontiguousarray(r.frame[..., ::-1])) if ext == "png" else regions.encode_jpeg(r.frame, 95)
+        files = {f"_frame.{ext}": frame, "_mask.png": mask_png, "_overlay.jpg": self._overlay_jpeg(r, amap, mask),
+                 ".json": payload}
+        self.evidence.save(r.camera, r.frame_id, r.timestamp, files)
+
+    def _apply_setting(self, topic: str, payload: bytes, size: int) -> None:
+        parts = topic[len(self.prefix) + 1:].split("/")  # [camera, setting, "set"] or [setting, "set"]
+        camera, setting = (parts[0], parts[1]) if len(parts) == 3 else (None, parts[0])
+        try:
+            if camera is not None and camera not in self.cameras:
+                raise SettingError(f"unknown camera {camera!r}; cameras: {', '.join(self.cameras)}")
+            if setting not in SETTINGS:
+                raise SettingError(f"unknown setting {setting!r}; settings: {', '.join(SETTINGS)}")
+            if size > MAX_SETTING_BYTES:
+                raise SettingError(f"payload of {size} bytes is too long (at most {MAX_SETTING_BYTES})")
+            value = SETTINGS[setting](payload)
+            if self._on_setting is not None:
+                self._on_setting(camera, setting, value)
+        except ValueError as err:  # SettingError, or the daemon's own refusal
+            self.counters["settings_rejected"] += 1
+            log.warning("rejected %s: %s", topic, err)
+            doc = {"v": SCHEMA_VERSION, "topic": topic, "camera": camera, "setting": setting, "error": str(err),
+                   "payload": payload[:64].decode("utf-8", "replace"), "timestamp": iso_utc(time.time())}
+            if self.client.connected:
+                self.client.publish(f"{self.prefix}/error", _dumps(doc), qos=1)
+            return
+        log.info("setting %s of %s set to %s over MQTT", setting, camera or "all cameras", value)
+        for cam in [camera] if camera else self.cameras:
+            self._handle(("retained", f"{self.prefix}/{cam}/{setting}/state", _state_text(value).encode()), None)
+
+    def _tracker(self, camera: str) -> AlarmTracker:
+        if camera not in self._trackers:
+            self._trackers[camera] = AlarmTracker(self.node, camera, self.cfg.alarms)
+        return self._trackers[camera]
+
+
+def _dumps(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _state_text(value: Any) -> str:
+    return str(value)
+

@@ -1,0 +1,139 @@
+"""Parity of the exported graphs: PyTorch vs ONNX Runtime fp32, and fp16 vs fp32, on K images.
+
+Sample images come from ``--data`` (an MVTec-layout root or a folder of images, good and
+defective test images mixed), else from the synthetic surface generator
+(``haloae.edge.synthetic``, good parts and every defect kind, fixed seed). All go through
+THE preprocessing (``haloae.train.data.to_model_input``).
+
+Tolerances (normalised units, where the calibrated threshold is 0.5; docs/bundle.md):
+
+- fp32: max |Δscore| <= 1e-4 and max |Δmap| <= 1e-3 - an export above them fails;
+- fp16: |Δ| <= 0.01 + 0.01 * |fp32 value| for scores and maps (2 % of the threshold near it,
+  1 % relative above it), and every output finite - an fp16 graph above them is not written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from haloae.train import data as data_mod
+
+log = logging.getLogger(__name__)
+
+FP32_TOL = {"score": 1e-4, "map": 1e-3}
+FP16_TOL = {"atol": 0.01, "rtol": 0.01}
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce PyTorch within the documented tolerance."""
+
+
+def _synthetic(k: int, size: int, seed: int) -> list[np.ndarray]:
+    from haloae.edge import synthetic
+
+    rng = np.random.default_rng(seed)
+    kinds = (None, *synthetic.DEFECT_KINDS)  # good and every defect kind, in turn
+    return [synthetic.sample(rng, size, kinds[i % len(kinds)])[0] for i in range(k)]
+
+
+def _from_data(root: Path, k: int) -> list[np.ndarray]:
+    root = Path(root)
+    if (root / "test").is_dir():
+        paths = [s.path for s in data_mod.find_mvtec_samples(root, "test")]
+    elif (root / "train" / "good").is_dir():
+        paths = [s.path for s in data_mod.find_mvtec_samples(root, "train")]
+    else:
+        paths = data_mod.list_images(root)
+    if not paths:
+        raise data_mod.DataError(f"no images in {root} for the parity check; pass an "
+                                 "MVTec-layout root or a folder of images")
+    picks = np.unique(np.linspace(0, len(paths) - 1, min(k, len(paths))).round().astype(int))
+    return [data_mod.read_image(paths[i]) for i in picks]  # spread over good and defect classes
+
+
+def sample_images(k: int, size: int, data: Path | None = None,
+                  seed: int = 0) -> tuple[np.ndarray, str]:
+    """K preprocessed images [K, 3, size, size] float32 in [0, 1] and where they came from."""
+    if data is not None:
+        images, source = _from_data(Path(data), k), f"data:{data}"
+    else:
+        images, source = _synthetic(k, size, seed), "synthetic"
+    batch = np.stack([data_mod.to_model_input(img, size) for img in images])
+    return batch.astype(np.float32), source
+
+
+def ort_session(path: Path, threads: int | None = None):
+    """A CPU ONNX Runtime session with ``threads`` intra-op threads (default: all cores)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_batched(fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray,
+                batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``fn`` on fixed-size batches (the last one padded by repeating its last image)."""
+    scores, maps = [], []
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        s, m = fn(chunk)
+        scores.append(np.asarray(s)[:n])
+        maps.append(np.asarray(m)[:n])
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def torch_runner(module: torch.nn.Module) -> Callable:
+    def run(x: np.ndarray):
+        with torch.no_grad():
+            s, m = module(torch.from_numpy(x))
+        return s.numpy(), m.numpy()
+    return run
+
+
+def ort_runner(session, input_name: str, output_names: list[str]) -> Callable:
+    def run(x: np.ndarray):
+        return tuple(session.run(output_names, {input_name: x}))
+    return run
+
+
+def _diff(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]) -> dict:
+    return {"max_abs_score": float(np.max(np.abs(ref[0] - got[0]))),
+            "max_abs_map": float(np.max(np.abs(ref[1] - got[1]))),
+            "finite": bool(np.isfinite(got[0]).all() and np.isfinite(got[1]).all())}
+
+
+def check_fp32(ref, got) -> dict:
+    """Parity record torch vs ORT fp32; ``ParityError`` above ``FP32_TOL``."""
+    rec = {**_diff(ref, got), "tolerance_score": FP32_TOL["score"],
+           "tolerance_map": FP32_TOL["map"]}
+    if not (rec["finite"] and rec["max_abs_score"] <= FP32_TOL["score"]
+            and rec["max_abs_map"] <= FP32_TOL["map"]):
+        raise ParityError(f"ONNX Runtime fp32 differs from PyTorch: max |Δscore| "
+                          f"{rec['max_abs_score']:.3g} (tolerance {FP32_TOL['score']}), max "
+                          f"|Δmap| {rec['max_abs_map']:.3g} (tolerance {FP32_TOL['map']}); "
+                          "the exported graph is wrong - report it with the model config")
+    return rec
+
+
+def check_fp16(ref, got) -> dict:
+    """Parity record fp16 vs fp32 graph; ``ParityError`` above ``FP16_TOL`` or on NaN/Inf."""
+    rec = {**_diff(ref, got), "tolerance": "|d| <= {atol} + {rtol} * |fp32|".format(**FP16_TOL)}
+    bound = [FP16_TOL["atol"] + FP16_TOL["rtol"] * np.abs(r) for r in ref]
+    within = all(bool(np.all(np.abs(r - g) <= b)) for r, g, b in zip(ref, got, bound))
+    if not (rec["finite"] and within):
+        raise ParityError(f"the fp16 graph drifts from fp32 (max |Δscore| "
+                          f"{rec['max_abs_score']:.3g}, max |Δmap| {rec['max_abs_map']:.3g}, "
+                          f"finite={rec['finite']}; tolerance {rec['tolerance']}): "
+                          "use the fp32 bundle (export without --fp16)")
+    return rec

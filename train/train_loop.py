@@ -1,0 +1,307 @@
+"""The HaloAE training loop (Mathian et al., arXiv 2208.03486), single process or DDP.
+
+One step: clean images -> Cut&Paste / scar augmentation (labels 0/1/2) -> frozen backbone
+features of the inputs -> Block C reconstruction -> Block D image -> Block E logits; loss
+against the CLEAN image's features and the clean image (denoising), weights from the
+progress schedule (loss.py). The frozen backbone never sees gradients: clean-image features
+are computed once and cached (``cache_features``), and the backbone runs only on the
+augmented part of each batch.
+
+Files in RUN_DIR (rank 0 writes): ``log.csv`` (one row per epoch), ``last.pt`` (resumable,
+every ``checkpoint_every`` epochs), ``final.pt`` (with calibration), ``train_config.yaml``.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import platform
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import ddp
+from .calibrate import calibrate
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .config import ConfigError
+from .cutpaste import augment_batch
+from .data import DataError, ImageDataset, find_train_samples, load_images, split_holdout
+from .loss import haloae_loss, loss_weights
+from .torch_model import HaloAE, create_model
+from .train_config import TrainCfg, resolve_model_config
+
+_LOG = logging.getLogger(__name__)
+
+LOG_FIELDS = ["epoch", "loss", "ce", "feat_mse", "feat_ssim", "img_mse", "img_ssim",
+              "a_ce", "a_feat", "a_img", "lr", "epoch_s", "time_s"]
+
+
+class _Heads(nn.Module):
+    """Blocks C, D, E as one forward (what DDP wraps): input features -> outputs."""
+
+    def __init__(self, model: HaloAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor):
+        recon = self.model.reconstruct(feats)
+        image = self.model.decode_image(recon) if self.model.image_decoder is not None else None
+        logits = self.model.classify(image) if (self.model.classifier is not None
+                                                and image is not None) else None
+        return recon, image, logits
+
+
+def _lr_at(cfg: TrainCfg, step: int, total: int) -> float:
+    """Linear warm-up then cosine decay to ``lr * min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(total - cfg.warmup_steps, 1)
+    t = min((step - cfg.warmup_steps) / span, 1.0)
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1.0 + math.cos(math.pi * t))
+
+
+def _versions() -> dict[str, str]:
+    import cv2
+    import numpy
+
+    from haloae import __version__
+    return {"haloae": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "opencv": cv2.__version__, "python": platform.python_version()}
+
+
+def _feature_cache(model: HaloAE, images: torch.Tensor, cfg: TrainCfg, device: torch.device,
+                   progress: bool) -> Optional[torch.Tensor]:
+    """Backbone features of every clean training image [N, C, g, g], or None if too big."""
+    if not cfg.cache_features:
+        return None
+    g, c, n = model.cfg.backbone.grid, model.feature_channels, images.shape[0]
+    gb = n * c * g * g * 4 / 1e9
+    if gb > cfg.cache_max_gb:
+        _LOG.warning("feature cache would take %.1f GB > cache_max_gb=%.1f: computing features "
+                     "every step instead", gb, cfg.cache_max_gb)
+        return None
+    out = torch.empty((n, c, g, g), dtype=torch.float32, device=device)
+    bs = max(cfg.calib_batch_size, cfg.batch_size)
+    starts = range(0, n, bs)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="caching features", unit="batch", leave=False)
+    with torch.no_grad():
+        for i in starts:
+            x = images[i: i + bs].to(device).float().div_(255.0)
+            out[i: i + bs] = model.extract(x)
+    return out
+
+
+def _write_log(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k, ""))
+                    for k in LOG_FIELDS})
+
+
+class RunError(ValueError):
+    """The run folder does not fit the request (existing run without --resume, ...)."""
+
+
+def _check_run_dir(out: Path, resume: bool) -> Optional[dict]:
+    last = out / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise RunError(f"--resume: {last} not found; start a new run without --resume")
+        return read_checkpoint(last)
+    if last.is_file() or (out / "final.pt").is_file():
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose a "
+                       "new --out folder")
+    return None
+
+
+def train(cfg: TrainCfg, data: Path, out: Path, device: str = "auto", resume: bool = False,
+          stop_after: Optional[int] = None, progress: bool = True) -> Optional[Path]:
+    """Train, calibrate and write RUN_DIR; returns the final checkpoint path (None on ranks
+    > 0, or when ``stop_after`` epochs ended the run before ``cfg.epochs``)."""
+    info = ddp.setup(device)
+    try:
+        return _train(cfg, Path(data), Path(out), info, resume, stop_after, progress)
+    finally:
+        ddp.cleanup(info)
+
+
+def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: bool,
+           stop_after: Optional[int], progress: bool) -> Optional[Path]:
+    t_start = time.monotonic()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    progress = progress and info.is_main
+    state = _check_run_dir(out, resume)
+    model_cfg = resolve_model_config(cfg)
+    samples, kind = find_train_samples(data)
+    train_s, hold_s = split_holdout(samples, cfg.holdout_fraction, cfg.seed)
+    if len(train_s) < 2:
+        raise DataError(f"only {len(train_s)} training image(s) in {data} after holding out "
+                        f"{len(hold_s)} for calibration; add defect-free images")
+    torch.manual_seed(cfg.seed)
+    model = create_model(model_cfg, device=info.device)
+    if state is not None:
+        if state["config"] != model_cfg.to_dict():
+            raise RunError(f"{out / 'last.pt'} was trained with another model config; resume "
+                           "with the same --config or start a new --out")
+        model.load_state_dict(state["state_dict"])
+    model.train()
+    size = model_cfg.input_size
+    images = load_images(train_s, size, progress)  # uint8 [N, 3, S, S] on CPU
+    if info.device.type == "cuda":
+        images = images.pin_memory()
+    cache = _feature_cache(model, images, cfg, info.device, progress)
+
+    heads: nn.Module = _Heads(model)
+    if info.distributed:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        heads = nn.parallel.DistributedDataParallel(heads, device_ids=ids)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict] = []
+    start_epoch, time_before = 0, 0.0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("resume", {}).get("scaler", {}) or scaler.state_dict())
+        start_epoch = int(state["epoch"])
+        history = list(state["train"].get("history", []))
+        time_before = float(state["train"].get("time_s", 0.0))
+        _LOG.info("resuming %s after epoch %d", out, start_epoch)
+
+    sampler = DistributedSampler(range(len(train_s)), num_replicas=info.world_size,
+                                 rank=info.rank, shuffle=True, seed=cfg.seed)
+    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size) * cfg.repeat
+    total_steps = steps_per_epoch * cfg.epochs
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    enabled = tuple(k for k, on in (("ce", model.classifier is not None), ("feat", True),
+                                    ("img", model.image_decoder is not None)) if on)
+    curves = cfg.loss.curves()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=(end_epoch - start_epoch) * steps_per_epoch, unit="step",
+                   desc="haloae-train", dynamic_ncols=True)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data_info = {"root": str(data.resolve()), "layout": kind, "train_images": len(train_s),
+                 "holdout_images": len(hold_s), "holdout_fraction": cfg.holdout_fraction}
+
+    def train_info(epochs_done: int) -> dict:
+        return {"epochs": epochs_done, "seed": cfg.seed, "data": data_info,
+                "time_s": time_before + time.monotonic() - t_start,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(), "history": history, "config": cfg.to_dict(),
+                "world_size": info.world_size, "device": str(info.device)}
+
+    for epoch in range(start_epoch, end_epoch):
+        t_epoch = time.monotonic()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + info.rank)
+        order: list[int] = []
+        for r in range(cfg.repeat):
+            sampler.set_epoch(epoch * cfg.repeat + r)
+            order += list(sampler)
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size: (b + 1) * cfg.batch_size]
+            if len(idx) < 2:  # a lone leftover image: BatchNorm needs 2
+                continue
+            step = epoch * steps_per_epoch + b
+            weights = loss_weights(step / max(total_steps - 1, 1), curves, enabled)
+            lr = _lr_at(cfg, step, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            parts = _step(model, heads, opt, scaler, images, cache, idx, gen, cfg, weights,
+                          info.device, use_amp)
+            for k, v in {**parts, **{f"a_{k}": v for k, v in weights.items()}}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"ep {epoch + 1}/{cfg.epochs} " + " ".join(
+                    f"{k}={parts[k]:.3g}" for k in ("loss", "ce", "feat_mse", "feat_ssim",
+                                                     "img_mse", "img_ssim") if k in parts))
+        means = ddp.all_mean({k: v / max(n_steps, 1) for k, v in sums.items()}, info)
+        row = {"epoch": epoch + 1, **means, "lr": lr, "epoch_s": time.monotonic() - t_epoch,
+               "time_s": time_before + time.monotonic() - t_start}
+        history.append({k: (float(v) if isinstance(v, float) else v) for k, v in row.items()})
+        if info.is_main:
+            _write_log(out / "log.csv", row)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == end_epoch:
+                save_checkpoint(out / "last.pt", model, None, train_info(epoch + 1), opt,
+                                epoch + 1, {"scaler": scaler.state_dict()})
+    if bar is not None:
+        bar.close()
+    if end_epoch < cfg.epochs:
+        _LOG.info("stopped after epoch %d of %d; continue with --resume", end_epoch, cfg.epochs)
+        return None
+    final = None
+    if info.is_main:
+        final = _finish(model, cfg, hold_s or train_s, out, info, train_info(cfg.epochs), progress)
+    ddp.barrier(info)
+    return final
+
+
+def _finish(model: HaloAE, cfg: TrainCfg, calib_samples, out: Path, info: ddp.DistInfo,
+            tinfo: dict, progress: bool) -> Path:
+    """Calibrate on held-out normal images and write final.pt."""
+    loader = DataLoader(ImageDataset(calib_samples, model.cfg.input_size),
+                        batch_size=cfg.calib_batch_size, num_workers=cfg.num_workers)
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc="calibrating", unit="batch", leave=False)
+    cal = calibrate(model, loader, cfg.image_quantile, cfg.pixel_quantile, info.device)
+    cal["images"] = len(calib_samples)
+    path = save_checkpoint(out / "final.pt", model, cal, tinfo)
+    model.train()
+    return path
+
+
+def _step(model: HaloAE, heads: nn.Module, opt, scaler, images: torch.Tensor,
+          cache: Optional[torch.Tensor], idx: list[int], gen: torch.Generator, cfg: TrainCfg,
+          weights: dict[str, float], device: torch.device, use_amp: bool) -> dict[str, float]:
+    """One optimisation step on the images ``idx``; returns the logged loss parts."""
+    it = torch.tensor(idx)
+    clean = images[it].to(device, non_blocking=True).float().div_(255.0)  # B, 3, S, S
+    a = cfg.augment
+    x, labels, _ = augment_batch(clean, gen, a.p_cutpaste, a.p_scar, a.jitter)
+    with torch.no_grad():
+        target = cache[it.to(cache.device)] if cache is not None else model.extract(clean)
+        feats_in = target.clone()
+        aug = labels > 0  # B
+        if bool(aug.any()):
+            feats_in[aug] = model.extract(x[aug])
+    if not a.denoise:  # plain auto-encoder: reconstruct what it sees
+        target, clean = feats_in, x
+    autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
+    with autocast:
+        recon, image, logits = heads(feats_in)
+    loss, parts = haloae_loss(weights, logits, labels, recon, target, image, clean,
+                              cfg.loss.feat_ssim_range)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return parts
+
+
+__all__ = ["train", "RunError", "ConfigError", "CheckpointError", "LOG_FIELDS"]
