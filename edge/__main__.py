@@ -69,7 +69,7 @@ def run(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as e:
         return _fail("config", e)
-    _setup_logging(args.log_level or cfg.health.log_level)
+    _setup_logging(args.log_level or ("WARNING" if args.validate_config else cfg.health.log_level))
     _quiet_opencv()
     from haloae.export.bundle import BundleError
 

@@ -12,9 +12,11 @@ capture, publish ``stopped``, flush, return within 3 s).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from collections import deque
 
 import cv2
 import zmq
@@ -54,6 +56,8 @@ class EdgeApp:
         self._wake = threading.Event()
         self._stop_requested = self._reload_requested = False
         self.backend: Backend | None = None
+        self._statuses: dict[str, deque[CameraStatus]] = {}
+        self._status_lock = threading.Lock()
 
     # -- setup ------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -65,22 +69,25 @@ class EdgeApp:
         except OSError as e:
             raise ConfigError(f"state_dir: cannot create {self.cfg.state_dir} ({e.strerror}); use a writable "
                               "folder (systemd: StateDirectory=)") from None
+        if not os.access(self.cfg.state_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"state_dir: {self.cfg.state_dir} is not writable by this user; fix its owner "
+                              "or use another folder (systemd: StateDirectory=)")
         cv2.setNumThreads(1)  # one core per camera is plenty; inference gets the rest
         self.backend, self.manifest, self.model_id = load_model(self.cfg)
-
-    def start(self) -> None:
         from .publish import Publisher  # paho & co. only once we really run
 
+        self.publisher = Publisher(self.cfg, self.cfg.state_dir, on_setting=self._on_setting)
+
+    def start(self) -> None:
         cfg = self.cfg
         self.stats = Stats([c.id for c in cfg.cameras])
-        self.publisher = Publisher(cfg, cfg.state_dir, on_setting=self._on_setting)
-        self.publisher.start()
         self.ctx = zmq.Context()
         self.frames = LatestFrames({c.id: c.lossless for c in cfg.cameras}, self.ctx, self.endpoint).start()
         self.inference = InferenceWorker(self.backend, self.manifest, self.model_id, self.frames,
                                          self.publisher.publish_result, self.stats, cfg.cameras,
                                          cfg.model.batch_size, on_scored=self._on_scored)
         self.inference.start()
+        self.publisher.start()  # settings may arrive from here on: the inference worker exists
         self.captures = {c.id: CaptureWorker(c, cfg.health, self.ctx, self.endpoint, self._on_status, c.lossless)
                          for c in cfg.cameras}
         for w in self.captures.values():
@@ -92,9 +99,25 @@ class EdgeApp:
 
     # -- callbacks (other threads) -----------------------------------------------------------
     def _on_status(self, status: CameraStatus) -> None:
-        status.dropped = self.frames.dropped(status.camera)
-        status.backend, status.model_id = self.backend.description, self.inference.model_id
-        self.publisher.publish_camera_status(status)
+        """From a capture thread: queue it; the main loop publishes it in order (see below)."""
+        with self._status_lock:
+            self._statuses.setdefault(status.camera, deque()).append(status)
+        self._wake.set()
+
+    def _in_flight(self, camera: str) -> bool:
+        return self.frames.depth(camera) > 0 or self.inference.processed < self.frames.taken
+
+    def _flush_statuses(self, force: bool = False) -> None:
+        """Publish queued camera statuses in order. ``offline``/``ended`` wait until the camera's
+        last frames are scored, so they never overtake its results (the publisher ends a running
+        alarm on them)."""
+        with self._status_lock:
+            for cam, queue in self._statuses.items():
+                while queue and (force or queue[0].state in ("starting", "online") or not self._in_flight(cam)):
+                    status = queue.popleft()
+                    status.dropped = self.frames.dropped(cam)
+                    status.backend, status.model_id = self.backend.description, self.inference.model_id
+                    self.publisher.publish_camera_status(status)
 
     def _on_scored(self) -> None:
         self.notifier.frame_scored(status=f"inspecting with {self.backend.description}")
@@ -137,13 +160,16 @@ class EdgeApp:
                     break
                 for w in self.captures.values():
                     w.check_stale(now)
+                self._flush_statuses()
                 self._feed_idle_watchdog(now)
                 if now >= next_stats:
                     next_stats = now + self.cfg.publish.stats_interval_s
                     self.publish_stats()
                 if self.exit_when_done and self.done():
                     log.info("all finite sources are done and every frame was scored: exiting")
+                    self._flush_statuses(force=True)
                     self.publish_stats()
+                    self._drain_publisher(timeout=10.0)
                     break
         finally:
             self.stop()
@@ -156,6 +182,17 @@ class EdgeApp:
         sent = sum(w.frames for w in self.captures.values())
         received = sum(self.frames.received(c) for c in self.captures)
         return received >= sent and self.frames.pending() == 0 and self.inference.processed >= self.frames.taken
+
+    def _drain_publisher(self, timeout: float) -> None:
+        """Let the publisher send what it queued (SIGTERM skips this: exit fast)."""
+        flush = getattr(self.publisher, "flush", None)
+        if flush is not None:
+            flush(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while self.publisher.stats()["queue"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the message being encoded
 
     def _feed_idle_watchdog(self, now: float) -> None:
         states = [w.state for w in self.captures.values()]
@@ -205,5 +242,6 @@ class EdgeApp:
             w.join(max(0.0, 0.5 - (time.monotonic() - t0)))
         self.inference.join(max(0.1, 1.0 - (time.monotonic() - t0)))
         self.frames.stop(0.2)
+        self._flush_statuses(force=True)
         self.publisher.stop(timeout=max(0.5, 2.5 - (time.monotonic() - t0)))
         log.info("stopped in %.2f s", time.monotonic() - t0)

@@ -253,13 +253,13 @@ class CaptureWorker(threading.Thread):
         self.cam, self.health, self.ctx = cam, health, ctx
         self.endpoint_base, self.on_status, self.lossless = endpoint_base, on_status, lossless
         self.kind = source_kind(cam)
-        self.finite = self.kind in ("file", "folder") and not cam.loop
         self.frames = 0  # frames sent to inference
         self.errors = 0  # bad frames skipped
         self.next_id = 0  # id of the next frame read (bad frames use up ids too)
         self.state, self.detail = "starting", ""
         self.last_frame = time.monotonic()  # monotonic time of the last good frame
         self._since = time.time()
+        self._delivered = False
         self._lock = threading.Lock()
         self._stop_evt = threading.Event()
 
@@ -296,10 +296,10 @@ class CaptureWorker(threading.Thread):
         try:
             while not self._stop_evt.is_set():
                 source = make_source(self.cam)
+                self._delivered = False
                 try:
                     source.open()
-                    if self._stream(source, sender):
-                        delay = self.health.reopen_min_s  # it delivered: start backoff afresh
+                    self._stream(source, sender)
                 except SourceEnded as e:
                     self._set_state("ended", str(e))
                     return
@@ -310,16 +310,18 @@ class CaptureWorker(threading.Thread):
                     self._set_state("offline", f"capture error {type(e).__name__}: {e}; retrying in {delay:g} s")
                 finally:
                     source.close()
+                if self._delivered:  # it worked for a while: start the backoff afresh
+                    delay = self.health.reopen_min_s
                 if self._stop_evt.wait(delay):
                     break
                 delay = min(delay * 2, self.health.reopen_max_s)
         finally:
             sender.close()
 
-    def _stream(self, source: _Source, sender: FrameSender) -> bool:
-        """Read until stopped (returns) or the source fails (raises). True if a frame got through."""
+    def _stream(self, source: _Source, sender: FrameSender) -> None:
+        """Read until stopped (returns) or the source fails (raises)."""
         period = 1.0 / self.cam.fps if self.cam.fps else 0.0
-        next_t, expected, bad, delivered = time.monotonic(), None, 0, False
+        next_t, expected, bad = time.monotonic(), None, 0
         while not self._stop_evt.is_set():
             if period:
                 wait = next_t - time.monotonic()
@@ -341,7 +343,7 @@ class CaptureWorker(threading.Thread):
                     raise SourceLost(f"{bad} bad frames in a row (last: {e})") from None
                 continue
             expected = expected or raw.shape[:2]
-            bad, delivered = 0, True
+            bad, self._delivered = 0, True
             self.last_frame = time.monotonic()
             capture_ms = (time.time() - source.arrived) * 1000.0
             if sender.send(frame_id, source.arrived, rgb, capture_ms, self.errors, self._stop_evt):
@@ -349,7 +351,6 @@ class CaptureWorker(threading.Thread):
                     self.frames += 1
             if self.state != "online":
                 self._set_state("online", f"{self.kind} source {self._describe()}")
-        return delivered
 
     def _describe(self) -> str:
         return "synthetic line" if self.kind == "synthetic" else redact(self.cam.source)

@@ -104,22 +104,29 @@ class InferenceWorker(threading.Thread):
     def stop(self) -> None:
         self._stop_evt.set()
 
+    def _swap_backend(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            old = self.backend
+            self._apply(*pending)
+            if old is not pending[0]:
+                old.close()
+
     # -- loop -------------------------------------------------------------------------------
     def run(self) -> None:
         failures = 0
         while not self._stop_evt.is_set():
             self.heartbeat = time.monotonic()
-            with self._lock:
-                pending, self._pending = self._pending, None
-            if pending is not None:
-                old = self.backend
-                self._apply(*pending)
-                if old is not pending[0]:
-                    old.close()
-            backend = self.backend
-            frames = self.frames.take(min(self.batch_size, backend.input_shape[0]), timeout=0.2)
+            self._swap_backend()
+            frames = self.frames.take(min(self.batch_size, self.backend.input_shape[0]), timeout=0.2)
             if not frames:
                 continue
+            self._swap_backend()  # a reload may have landed while waiting
+            backend = self.backend
+            frames, extra = frames[:backend.input_shape[0]], frames[backend.input_shape[0]:]
+            if extra:  # the new bundle has a smaller batch: score the rest next round
+                self.frames.put_back(extra)
             try:
                 self._score(backend, frames)
                 failures = 0
@@ -131,7 +138,7 @@ class InferenceWorker(threading.Thread):
                 if failures >= MAX_FAILURES_IN_A_ROW:
                     self.fatal = f"the {backend.name} backend failed {failures} times in a row: {exc}"
                     return
-                self._stop_evt.wait(min(0.1 * failures, 1.0))
+                self._stop_evt.wait(min(0.05 * failures, 0.5))
             finally:
                 self.processed += len(frames)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -117,14 +118,25 @@ class LatestFrames:
         self.taken = 0  # frames handed to inference so far
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        # take() empties a lossless camera's slot from another thread: wake the collector at once
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._collect, name="frame-collector", daemon=True)
 
     def start(self) -> "LatestFrames":
         self._thread.start()
         return self
 
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:  # pipe full (the collector is awake anyway) or already closed
+            pass
+
     def _collect(self) -> None:
         poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
         polled: set[str] = set()
         while not self._stop.is_set():
             with self._cond:
@@ -134,7 +146,13 @@ class LatestFrames:
             for cam in polled - want:
                 poller.unregister(self._socks[cam])
             polled = want
-            for sock, _ in poller.poll(50):
+            for sock, _ in poller.poll(100):
+                if sock == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
                 try:
                     header_b, pixels = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
@@ -142,6 +160,8 @@ class LatestFrames:
                 self._store(header_b.bytes, pixels)
         for s in self._socks.values():
             s.close(linger=0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def _store(self, header_b: bytes, pixels: zmq.Frame) -> None:
         h = json.loads(header_b)
@@ -167,7 +187,21 @@ class LatestFrames:
             for f in ready:
                 del self._slots[f.camera]
             self.taken += len(ready)
+        if any(self.cameras[f.camera] for f in ready):
+            self._wake()  # a lossless camera's socket goes back into the poll set
         return ready
+
+    def put_back(self, frames: list[Frame]) -> None:
+        """Return taken frames to their slots unless a newer frame arrived meanwhile (then they
+        count as dropped)."""
+        with self._cond:
+            for f in frames:
+                self.taken -= 1
+                if f.camera in self._slots:
+                    self._overwritten[f.camera] += 1
+                else:
+                    self._slots[f.camera] = f
+            self._cond.notify_all()
 
     def depth(self, camera: str) -> int:
         """Frames waiting for inference (0 or 1)."""
@@ -191,6 +225,7 @@ class LatestFrames:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        self._wake()
         if self._thread.is_alive():
             self._thread.join(timeout)
 

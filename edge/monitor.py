@@ -56,13 +56,19 @@ class Monitor:
             print(f"broker refused the connection: {reason}", file=sys.stderr)
             return
         kinds = ["result", "alarm"] + (["mask"] if self.args.save_masks else [])
+        self.kinds = ",".join(kinds)
         client.subscribe([(f"{self.args.prefix}/+/{k}", 1) for k in kinds] + [(f"{self.args.prefix}/available", 1)])
+
+    def on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        print(f"listening on {self.args.broker} for {self.args.prefix}/+/{{{self.kinds}}} (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
 
     def on_message(self, client, userdata, msg):
         parts = msg.topic.split("/")
         camera, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("?", "?")
         if kind == "available":
-            print(f"{'/'.join(parts[:-1])} is {msg.payload.decode(errors='replace')}", flush=True)
+            node, state = "/".join(parts[:-1]), msg.payload.decode(errors="replace")
+            print(json.dumps({"prefix": node, "available": state}) if self.args.json else f"{node} is {state}", flush=True)
         elif kind == "mask":
             self.save_mask(camera, msg.payload)
         elif kind in ("result", "alarm"):
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
     host, _, port = args.broker.partition(":")
     mon = Monitor(args)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_connect, client.on_message = mon.on_connect, mon.on_message
+    client.on_connect, client.on_subscribe, client.on_message = mon.on_connect, mon.on_subscribe, mon.on_message
     if args.username:
         client.username_pw_set(args.username, os.environ.get("HALOAE_MQTT_PASSWORD"))
     if args.tls_ca:

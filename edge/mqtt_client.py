@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
 
+_CREDENTIALS = "check mqtt.username and the password in $HALOAE_MQTT_PASSWORD / $CREDENTIALS_DIRECTORY/mqtt_password"
 _HINTS = {
-    "not authorized": "check mqtt.username and the password in $HALOAE_MQTT_PASSWORD / $CREDENTIALS_DIRECTORY/mqtt_password, and the broker's ACL",
-    "bad user name or password": "check mqtt.username and the password in $HALOAE_MQTT_PASSWORD / $CREDENTIALS_DIRECTORY/mqtt_password",
+    "not authorized": _CREDENTIALS + ", and the broker's ACL",
+    "bad user name or password": _CREDENTIALS,
     "client identifier not valid": "another client may use the same mqtt.client_id, or the broker restricts client ids",
     "unsupported protocol version": "set mqtt.protocol to '3.1.1' for this broker",
     "server unavailable": "the broker is up but not accepting connections; check its log",
@@ -58,12 +59,12 @@ class MqttClient:
         self.connects = 0       # successful connections so far
         self.attempts_failed = 0
         v5 = cfg.protocol == "5"
-        self._v5 = v5
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
                                    **({} if v5 else {"clean_session": True}))
         c = self._client
-        c.on_connect, c.on_disconnect, c.on_connect_fail = self._handle_connect, self._handle_disconnect, self._handle_connect_fail
+        c.on_connect, c.on_disconnect = self._handle_connect, self._handle_disconnect
+        c.on_connect_fail = self._handle_connect_fail
         c.on_message, c.on_publish = self._handle_message, self._handle_publish
         c.reconnect_delay_set(cfg.reconnect_min_s, max(cfg.reconnect_min_s, cfg.reconnect_max_s))
         c.max_queued_messages_set(max_queued)
@@ -144,7 +145,8 @@ class MqttClient:
         err = sys.exc_info()[1]
         self.attempts_failed += 1
         what = f"{type(err).__name__}: {err}" if err else "connection failed"
-        hint = "check mqtt.tls.ca and the broker's certificate" if isinstance(err, ssl.SSLError) else "is the broker running and reachable?"
+        hint = ("check mqtt.tls.ca and the broker's certificate" if isinstance(err, ssl.SSLError)
+                else "is the broker running and reachable?")
         self._problem(f"MQTT broker {self.cfg.host}:{self.cfg.port} unreachable ({what}; {hint}); "
                       f"retrying with backoff up to {self.cfg.reconnect_max_s:g} s")
 

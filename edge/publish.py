@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -179,7 +180,7 @@ class Publisher:
             self._worker.join(max(0.1, 0.25 * timeout))
             if self.client.connected:
                 self.sender.flush(max(0.0, 0.5 * (deadline - time.monotonic())))
-            self.sender.stop(0.2)
+            self.sender.stop(min(0.2, max(0.0, deadline - time.monotonic())))
             self.client.stop(max(0.1, deadline - time.monotonic()))
         if len(self.outbox):
             log.warning("%d alarm event(s) not yet acknowledged stay in the outbox; the next start delivers them",
@@ -253,9 +254,16 @@ class Publisher:
                 self.client.publish(topic, payload, qos=1, retain=True)
 
     def _store_alarm(self, ev: AlarmEvent) -> None:
-        self.outbox.add(ev.kind, f"{self.prefix}/{ev.camera}/alarm", _dumps(ev.payload()))
+        topic, payload = f"{self.prefix}/{ev.camera}/alarm", _dumps(ev.payload())
         self.counters["alarm_events"] += 1
-        self.sender.wake()
+        try:
+            self.outbox.add(ev.kind, topic, payload)
+            self.sender.wake()
+        except (OSError, sqlite3.Error) as err:  # disk full or broken: still try to deliver it now
+            self.counters["errors"] += 1
+            log.error("cannot store alarm event %s in the outbox (%s): publishing it without a disk copy; "
+                      "free space in %s", ev.id, err, self.outbox.path.parent)
+            self.client.publish(topic, payload, qos=1)
         log.info("alarm %s %s on %s (score %.3f, frame %d)", ev.kind, ev.id, ev.camera, ev.score, ev.frame_id)
 
     def _send_result(self, r, alarm_id: str | None, pub) -> None:
@@ -322,7 +330,10 @@ class Publisher:
 
     def _save_evidence(self, r, amap, mask, mask_png: bytes, payload: bytes) -> None:
         ext = self.cfg.evidence.frame_format
-        frame = regions.encode_png(np.ascontiguousarray(r.frame[..., ::-1])) if ext == "png" else regions.encode_jpeg(r.frame, 95)
+        if ext == "png":
+            frame = regions.encode_png(np.ascontiguousarray(r.frame[..., ::-1]))  # cv2 wants BGR
+        else:
+            frame = regions.encode_jpeg(r.frame, 95)
         files = {f"_frame.{ext}": frame, "_mask.png": mask_png, "_overlay.jpg": self._overlay_jpeg(r, amap, mask),
                  ".json": payload}
         self.evidence.save(r.camera, r.frame_id, r.timestamp, files)

@@ -3,6 +3,7 @@
 `compute_anomaly` is the ONE function that training, evaluation and export use:
 
 1. error = channel mean of (F - F_hat)^2 at the feature grid  -> [N, 1, g, g]
+   (computed as the sum of ((F - F_hat) / sqrt(C))^2: no fp16 overflow)
 2. Gaussian smoothing at grid resolution with the equivalent sigma
    (``sigma_grid = sigma_px * g / out_size``) as two fixed 1-D convolutions (constant weights)
    with zero padding renormalised by the kernel mass inside the map (so borders are not
@@ -64,9 +65,11 @@ def compute_anomaly(features: torch.Tensor, recon: torch.Tensor, map_cfg: MapCfg
         raise ValueError(f"features {list(features.shape)} and recon {list(recon.shape)} must "
                          "both be [N, C, g, g]")
     g = features.shape[-1]
-    # sum * 1/C and topk(1) instead of ReduceMean / ReduceMax: their opset-18 form (axes as an
-    # input) makes torch's dynamo exporter fail to down-convert to opset 17.
-    err = (features - recon).pow(2).sum(dim=1, keepdim=True) * (1.0 / features.shape[1])  # [N, 1, g, g]
+    # Scale before squaring, then sum: the mean without fp16 overflow (a sum of C squared
+    # errors passes 65504 easily). Sum and topk(1) rather than ReduceMean / ReduceMax: their
+    # opset-18 form (axes as an input) makes torch's dynamo exporter fail to down-convert to 17.
+    diff = (features - recon) * (features.shape[1] ** -0.5)
+    err = diff.pow(2).sum(dim=1, keepdim=True)  # [N, 1, g, g] channel mean of squared error
     err = gaussian_blur_grid(err, map_cfg.sigma * g / out_size)
     amap = F.interpolate(err, size=(out_size, out_size), mode="bilinear", align_corners=False)
     flat = amap.flatten(1)  # [N, S*S]

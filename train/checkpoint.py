@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -94,7 +93,7 @@ def read_checkpoint(path: PathLike) -> dict:
                               "that haloae-train wrote into its --out folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise CheckpointError(f"{path} is not a readable HaloAE checkpoint ({type(exc).__name__}:"
                               f" {str(exc).splitlines()[0] if str(exc) else ''}); use a "
                               "final.pt written by haloae-train") from exc
@@ -117,8 +116,9 @@ def model_from_checkpoint(ckpt: dict, device: Any = "cpu", source: str = "checkp
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{source}: weights do not match its model config "
-                              f"({str(exc).splitlines()[0]})") from exc
+        detail = " ".join(str(exc).split())[:400]
+        raise CheckpointError(f"{source}: weights do not match its model config, probably "
+                              f"written by another haloae version ({detail})") from exc
     return model.to(device).eval()
 
 

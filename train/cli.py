@@ -81,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .train_loop import RunError, train  # torch-heavy import after argument checks
         try:
             final = train(cfg, args.data, args.out, args.device, args.resume,
-                          args.stop_after, progress=not args.quiet)
+                          args.stop_after, progress=not args.quiet).final
         except RunError as exc:
             raise ConfigError(str(exc)) from exc
     except USER_ERRORS as exc:

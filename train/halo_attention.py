@@ -4,20 +4,29 @@ HaloNet: Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient V
 Backbones", arXiv 2103.12731; used in HaloAE (Mathian et al., arXiv 2208.03486) Block C.
 
 The map is cut into non-overlapping b x b query blocks. Each block attends to a
-(b + 2h) x (b + 2h) window: the block plus a halo of h pixels. Window positions outside the
-map (the "padding") are MASKED (they get exactly zero weight); the
-reference HaloAE code masked the valid positions instead and used -finfo.max as fill,
-which becomes -inf in fp16 (NaN rows). We fill with the finite `MASK_VALUE`.
+(b + 2h) x (b + 2h) window: the block plus a halo of h pixels over the zero-padded map.
+Padding positions are MASKED: they get exactly zero weight. (The reference HaloAE code masked
+the valid positions instead, and filled with -finfo.max, which is -inf in fp16: NaN rows.)
+The fill value `MASK_VALUE` is finite.
 
-Relative positions: HaloNet's content-dependent relative logits q . r, factorised into
-height and width tables of 2w - 1 learned vectors each (w = b + 2h):
-``logit[q, k] = q . k + q . r_h[k_y - q_y] + q . r_w[k_x - q_x]`` (q already scaled).
+Relative positions: a learned relative position bias per head (Swin-style), one entry per
+(dy, dx) offset between query and key: ``logit[q, k] = (q . k) / sqrt(d) + B[k - q]``.
+Chosen over HaloNet's content-dependent q . r logits because it is one broadcast Add on the
+logits instead of two extra matmuls, two transposes and a broadcast Add (about half of the
+attention's CPU time at the edge config).
 
-Export notes: the feature size is fixed at construction, so the window gather index and the
-padding mask are precomputed buffers; forward has no data-dependent control flow and uses only
-Gather, Reshape, Transpose, MatMul, Add, Where and Softmax (no Pad / Im2Col / Einsum). The
-gather index points padding positions at pixel 0 of the unpadded map: their keys are masked
-and their values get exactly zero weight, so no zero-padded copy of the map is needed.
+Masking inside the matmul: padding keys are exact zeros, and q / k get one extra channel
+(1 for every query; `MASK_VALUE` for padding keys, 0 for valid ones), so a padding logit is
+exactly ``0 + MASK_VALUE`` (plus the bias): a masked fill without a Where over the full logits
+and without a [heads, blocks, b*b, w*w] mask constant in the exported graph.
+
+Export notes: the feature size is fixed at construction, so the window gather indices, the
+relative-position index and the padding mask are precomputed buffers; forward has no
+data-dependent control flow and uses only Concat, Expand, Gather, Reshape, Transpose, MatMul,
+Add and Softmax (no Pad / Where / Im2Col / Einsum); the bias Gather on constants is folded by
+the exporter, ONNX Runtime and TensorRT. K/V windows come from two constant-index gathers
+(rows, then columns) on the channels-last map with one zero row and column appended; window
+positions outside the map point at them.
 """
 from __future__ import annotations
 
@@ -34,53 +43,36 @@ def _pair(v: Union[int, tuple[int, int]]) -> tuple[int, int]:
 
 
 def window_index(feat_size: tuple[int, int], block_size: int, halo_size: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather index into the flattened (unpadded) map and the padding mask of every window.
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Separable window gather indices and the padding mask of every window.
 
-    Returns ``index`` [nb * w * w] (int64; padding positions point at pixel 0, any valid pixel
-    would do since they are masked) and ``pad_mask`` [nb, w * w] (bool, True where the window
-    position lies outside the map); blocks and window positions in row-major order.
+    Returns ``row_index`` [nbh * w] and ``col_index`` [nbw * w] (int64 rows / columns of the
+    map with one zero row / column appended: positions outside the map point at H / W) and
+    ``pad_mask`` [nb, w * w] (bool, True where the window position lies outside the map);
+    blocks and window positions in row-major order.
     """
     H, W = feat_size
     b, h = block_size, halo_size
     w = b + 2 * h
     u = torch.arange(w) - h
-    rows = (torch.arange(H // b) * b)[:, None, None, None] + u[None, None, :, None]  # [nbh, 1, w, 1]
-    cols = (torch.arange(W // b) * b)[None, :, None, None] + u[None, None, None, :]  # [1, nbw, 1, w]
-    valid = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)  # [nbh, nbw, w, w]
-    index = torch.where(valid, rows * W + cols, torch.zeros((), dtype=torch.long))
-    return index.reshape(-1), ~valid.reshape(-1, w * w)  # [nb*w*w], [nb, w*w]
+    rows = (torch.arange(H // b) * b)[:, None] + u[None, :]  # [nbh, w]
+    cols = (torch.arange(W // b) * b)[:, None] + u[None, :]  # [nbw, w]
+    valid_r, valid_c = (rows >= 0) & (rows < H), (cols >= 0) & (cols < W)
+    valid = valid_r[:, None, :, None] & valid_c[None, :, None, :]  # [nbh, nbw, w, w]
+    row_index = torch.where(valid_r, rows, torch.tensor(H)).reshape(-1)  # [nbh * w]
+    col_index = torch.where(valid_c, cols, torch.tensor(W)).reshape(-1)  # [nbw * w]
+    return row_index, col_index, ~valid.reshape(-1, w * w)  # pad_mask [nb, w*w]
 
 
-class RelPosEmb(nn.Module):
-    """Factorised content-dependent relative position logits (HaloNet)."""
-
-    def __init__(self, block_size: int, win_size: int, dim_head: int, scale: float) -> None:
-        super().__init__()
-        self.block_size, self.win_size = block_size, win_size
-        halo = (win_size - block_size) // 2
-        self.rel_height = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * scale)
-        self.rel_width = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * scale)
-        q = torch.arange(block_size)[:, None] + halo  # query position in window coordinates
-        k = torch.arange(win_size)[None, :]
-        self.register_buffer("rel_index", (k - q + win_size - 1).reshape(-1),  # [b * w]
-                             persistent=False)
-
-    def _table(self, rel: torch.Tensor) -> torch.Tensor:
-        t = rel.index_select(0, self.rel_index)  # [b * w, d]
-        return t.reshape(self.block_size, self.win_size, -1).transpose(1, 2)  # [b, d, w]
-
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """q [B, nb, b*b, d] (scaled) -> relative logits [B, nb, b*b, w*w]."""
-        B, nb, _, d = q.shape
-        b, w = self.block_size, self.win_size
-        q = q.reshape(B, nb, b, b, d)  # [B, nb, qy, qx, d]
-        logit_h = torch.matmul(q, self._table(self.rel_height))  # [B, nb, qy, qx, w(ky)] batched over qy
-        q_t = q.transpose(2, 3)  # [B, nb, qx, qy, d]
-        logit_w = torch.matmul(q_t, self._table(self.rel_width))  # [B, nb, qx, qy, w(kx)]
-        logit_w = logit_w.transpose(2, 3)  # [B, nb, qy, qx, w(kx)]
-        rel = logit_h[..., :, None] + logit_w[..., None, :]  # [B, nb, qy, qx, ky, kx]
-        return rel.reshape(B, nb, b * b, w * w)  # [B, nb, b*b, w*w]
+def rel_pos_index(block_size: int, halo_size: int) -> torch.Tensor:
+    """Index [b*b * w*w] into a flattened (b + w - 1)^2 relative-offset table."""
+    b, w = block_size, block_size + 2 * halo_size
+    span = b + w - 1
+    q = torch.arange(b)
+    k = torch.arange(w)
+    d = k[None, :] - q[:, None] + b - 1  # [b, w] in 0 .. span - 1 (= k_map - q_map + b - 1 + h)
+    idx = d[:, None, :, None] * span + d[None, :, None, :]  # [qy, qx, ky, kx]
+    return idx.reshape(-1)  # [b*b * w*w]
 
 
 class HaloAttention(nn.Module):
@@ -91,7 +83,7 @@ class HaloAttention(nn.Module):
         feat_size: (H, W) of the input map; both multiples of ``block_size``.
         heads, dim_head: heads and per-head width (default ``dim // heads``).
         block_size: query block side b. halo_size: halo h.
-        qkv_bias: bias on the q / kv 1x1 projections.
+        qkv_bias: bias on the q / kv projections (per-pixel linear layers).
 
     Input [N, dim, H, W] -> output [N, heads * dim_head, H, W] (no output projection: the
     enclosing block's conv follows).
@@ -117,12 +109,22 @@ class HaloAttention(nn.Module):
         self.num_blocks = (H // block_size) * (W // block_size)
         self.scale = dim_head ** -0.5
         kw = dict(device=device, dtype=dtype)
-        self.q = nn.Conv2d(dim, heads * dim_head, 1, bias=qkv_bias, **kw)
-        self.kv = nn.Conv2d(dim, 2 * heads * dim_head, 1, bias=qkv_bias, **kw)
-        self.rel_pos = RelPosEmb(block_size, self.win_size, dim_head, self.scale)
-        index, pad_mask = window_index(self.feat_size, block_size, halo_size)
-        self.register_buffer("win_index", index, persistent=False)
-        self.register_buffer("pad_mask", pad_mask[:, None, :], persistent=False)  # [nb, 1, w*w]
+        self.q = nn.Linear(dim, heads * dim_head, bias=qkv_bias, **kw)  # on channels-last pixels
+        self.kv = nn.Linear(dim, 2 * heads * dim_head, bias=qkv_bias, **kw)
+        span = 2 * block_size + 2 * halo_size - 1
+        self.rel_bias = nn.Parameter(torch.randn(heads, span * span, **kw) * 0.02)
+        self.register_buffer("rel_index", rel_pos_index(block_size, halo_size), persistent=False)
+        row_index, col_index, pad_mask = window_index(self.feat_size, block_size, halo_size)
+        self.register_buffer("row_index", row_index, persistent=False)  # [nbh*w]
+        self.register_buffer("col_index", col_index, persistent=False)  # [nbw*w]
+        key_mask = torch.zeros(pad_mask.shape, **kw).masked_fill(~pad_mask, MASK_VALUE)
+        self.register_buffer("key_mask", key_mask[..., None], persistent=False)  # [nb, w*w, 1]
+
+    def bias(self) -> torch.Tensor:
+        """Relative position bias [nh, 1, b*b, w*w] (the same for every block)."""
+        b, w = self.block_size, self.win_size
+        bias = self.rel_bias.index_select(1, self.rel_index)  # [nh, b*b*w*w]
+        return bias.reshape(self.heads, 1, b * b, w * w)  # [nh, 1, b*b, w*w]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, feat_size={self.feat_size}, heads={self.heads}, "
@@ -138,38 +140,48 @@ class HaloAttention(nn.Module):
         b, w, nh, d = self.block_size, self.win_size, self.heads, self.dim_head
         nbh, nbw, nb = H // b, W // b, self.num_blocks
 
-        q = self.q(x) * self.scale
-        q = q.reshape(-1, nh, d, nbh, b, nbw, b)  # [N, nh, d, nbh, b, nbw, b]
-        q = q.permute(0, 1, 3, 5, 4, 6, 2)  # [N, nh, nbh, nbw, b, b, d]
-        q = q.reshape(-1, nb, b * b, d)  # [N*nh, nb, b*b, d]
+        # Channels-last so every transpose below keeps the per-head features (d) contiguous.
+        x = x.permute(0, 2, 3, 1)  # [N, H, W, dim]
+        q = self.q(x) * self.scale  # [N, H, W, nh*d]
+        q = q.reshape(-1, nbh, b, nbw, b, nh, d)  # [N, nbh, b, nbw, b, nh, d]
+        q = q.permute(0, 5, 1, 3, 2, 4, 6)  # [N, nh, nbh, nbw, b, b, d]
+        q = q.reshape(-1, nh, nb, b * b, d)  # [N, nh, nb, b*b, d]
 
-        kv = self.kv(x).flatten(2)  # [N, 2*nh*d, H*W]
-        kv = kv.index_select(2, self.win_index)  # [N, 2*nh*d, nb*w*w] (padding -> pixel 0, masked)
-        kv = kv.reshape(-1, 2, nh, d, nb, w * w)  # [N, 2, nh, d, nb, w*w]
-        kv = kv.permute(1, 0, 2, 4, 5, 3)  # [2, N, nh, nb, w*w, d]
-        kv = kv.reshape(2, -1, nb, w * w, d)  # [2, N*nh, nb, w*w, d]
-        k, v = kv[0], kv[1]  # [N*nh, nb, w*w, d]
+        kv = self.kv(x)  # [N, H, W, 2*nh*d]
+        n, c = kv.shape[0], kv.shape[-1]
+        kv = torch.cat([kv, kv.new_zeros(n, 1, W, c)], dim=1)  # [N, H+1, W, 2*nh*d]: zero row
+        kv = torch.cat([kv, kv.new_zeros(n, H + 1, 1, c)], dim=2)  # [N, H+1, W+1, 2*nh*d]
+        kv = kv.index_select(1, self.row_index)  # [N, nbh*w, W+1, 2*nh*d]
+        kv = kv.index_select(2, self.col_index)  # [N, nbh*w, nbw*w, 2*nh*d]
+        kv = kv.reshape(-1, nbh, w, nbw, w, 2, nh, d)  # [N, nbh, w, nbw, w, 2, nh, d]
+        kv = kv.permute(5, 0, 6, 1, 3, 2, 4, 7)  # [2, N, nh, nbh, nbw, w, w, d]
+        kv = kv.reshape(2, -1, nh, nb, w * w, d)  # [2, N, nh, nb, w*w, d]
+        k, v = kv[0], kv[1]  # [N, nh, nb, w*w, d]; exact zeros at padding positions
 
-        logits = torch.matmul(q, k.transpose(-1, -2))  # [N*nh, nb, b*b, w*w]
-        logits = logits + self.rel_pos(q)
-        logits = logits.masked_fill(self.pad_mask, MASK_VALUE)
-        attn = logits.softmax(dim=-1)
+        # mask channel: q . k gains 1 * key_mask = MASK_VALUE at padding keys (k is 0 there)
+        q = torch.cat([q, q.new_ones(n, nh, nb, b * b, 1)], dim=-1)  # [N, nh, nb, b*b, d+1]
+        k = torch.cat([k, self.key_mask.expand(n, nh, nb, w * w, 1)], dim=-1)  # [N, nh, nb, w*w, d+1]
+        logits = torch.matmul(q, k.transpose(-1, -2))  # [N, nh, nb, b*b, w*w]
+        attn = (logits + self.bias()).softmax(dim=-1)  # padding: MASK_VALUE + bias -> weight 0
 
-        out = torch.matmul(attn, v)  # [N*nh, nb, b*b, d]
+        out = torch.matmul(attn, v)  # [N, nh, nb, b*b, d]
         out = out.reshape(-1, nh, nbh, nbw, b, b, d)  # [N, nh, nbh, nbw, b, b, d]
-        out = out.permute(0, 1, 6, 2, 4, 3, 5)  # [N, nh, d, nbh, b, nbw, b]
-        out = out.reshape(-1, nh * d, H, W)  # [N, nh*d, H, W]
+        out = out.permute(0, 2, 4, 3, 5, 1, 6)  # [N, nbh, b, nbw, b, nh, d]
+        out = out.reshape(-1, H, W, nh * d)  # [N, H, W, nh*d]
+        out = out.permute(0, 3, 1, 2)  # [N, nh*d, H, W]
         if return_attn:
-            return out, attn.reshape(-1, nh, nb, b * b, w * w)  # [N, nh, nb, b*b, w*w]
+            return out, attn  # attn [N, nh, nb, b*b, w*w]
         return out
 
 
 # Alternatives considered:
-# - timm `timm/layers/halo_attn.py` (HaloAttn) builds the K/V windows with Tensor.unfold and
-#   leaves the zero-padded halo UNmasked (padding keys take part with k = 0); unfold lowers to
-#   Im2Col-like graphs that the TensorRT ONNX parser rejects. The constant-index gather above is
-#   one Gather node and the mask makes padding weight exactly zero.
+# - timm `timm/layers/halo_attn.py` (HaloAttn) builds the K/V windows with Tensor.unfold over
+#   the zero-padded map and leaves the padding UNmasked (padding keys take part with k = 0);
+#   unfold lowers to Im2Col-like graphs that the TensorRT ONNX parser rejects. The two
+#   constant-index gathers above are plain Gather nodes and the mask gives padding zero weight.
 # - lucidrains `halonet-pytorch` uses F.unfold and einsum plus a -finfo.max fill (-inf in fp16);
 #   the HaloAE reference code copied it with the mask inverted (halonet-pytorch #6).
-# - A learned relative bias table (Swin-style) is cheaper but content-independent; HaloNet's
-#   q . r logits are kept here as the paper uses them.
+# - HaloNet's content-dependent relative logits q . r (factorised height / width, as in timm's
+#   PosEmbedRel) follow the paper more closely; they cost two extra batched matmuls, transposes
+#   and a broadcast add over the full logits, which doubled the attention time on CPU, so the
+#   learned bias is used here.

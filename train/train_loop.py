@@ -18,6 +18,7 @@ import math
 import platform
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -101,6 +102,25 @@ def _feature_cache(model: HaloAE, images: torch.Tensor, cfg: TrainCfg, device: t
     return out
 
 
+def _init_output_bias(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tensor],
+                      device: torch.device) -> None:
+    """Data-dependent init: the bias of Block C's last 1x1 conv = the mean training feature
+    per channel. Raw backbone features have channel means up to ~10 with unit-scale
+    variation; learning those offsets by gradient descent would take most of a short run."""
+    last = [m for m in model.autoencoder.modules()
+            if isinstance(m, nn.Conv2d) and m.out_channels == model.feature_channels]
+    if not last or last[-1].bias is None:
+        _LOG.warning("Block C has no output conv with a bias: skipping its data-dependent init")
+        return
+    with torch.no_grad():
+        if cache is not None:
+            mean = cache.mean(dim=(0, 2, 3))
+        else:
+            x = images[:64].to(device).float().div_(255.0)
+            mean = model.extract(x).mean(dim=(0, 2, 3))
+        last[-1].bias.copy_(mean.to(last[-1].bias))
+
+
 def _write_log(path: Path, row: dict) -> None:
     new = not path.is_file()
     with open(path, "a", newline="", encoding="utf-8") as fh:
@@ -127,19 +147,29 @@ def _check_run_dir(out: Path, resume: bool) -> Optional[dict]:
     return None
 
 
+@dataclass
+class TrainResult:
+    """What `train` leaves: the final checkpoint (rank 0, finished runs only) and the model."""
+
+    final: Optional[Path]  # None on ranks > 0 and when --stop-after ended the run early
+    model: HaloAE
+    rank: int
+    world_size: int
+
+
 def train(cfg: TrainCfg, data: Path, out: Path, device: str = "auto", resume: bool = False,
-          stop_after: Optional[int] = None, progress: bool = True) -> Optional[Path]:
-    """Train, calibrate and write RUN_DIR; returns the final checkpoint path (None on ranks
-    > 0, or when ``stop_after`` epochs ended the run before ``cfg.epochs``)."""
+          stop_after: Optional[int] = None, progress: bool = True) -> TrainResult:
+    """Train, calibrate and write RUN_DIR (see module doc)."""
     info = ddp.setup(device)
     try:
-        return _train(cfg, Path(data), Path(out), info, resume, stop_after, progress)
+        final, model = _train(cfg, Path(data), Path(out), info, resume, stop_after, progress)
     finally:
         ddp.cleanup(info)
+    return TrainResult(final, model, info.rank, info.world_size)
 
 
 def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: bool,
-           stop_after: Optional[int], progress: bool) -> Optional[Path]:
+           stop_after: Optional[int], progress: bool) -> tuple[Optional[Path], HaloAE]:
     t_start = time.monotonic()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -164,6 +194,8 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
     if info.device.type == "cuda":
         images = images.pin_memory()
     cache = _feature_cache(model, images, cfg, info.device, progress)
+    if state is None:
+        _init_output_bias(model, images, cache, info.device)
 
     heads: nn.Module = _Heads(model)
     if info.distributed:
@@ -250,12 +282,12 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
         bar.close()
     if end_epoch < cfg.epochs:
         _LOG.info("stopped after epoch %d of %d; continue with --resume", end_epoch, cfg.epochs)
-        return None
+        return None, model
     final = None
     if info.is_main:
         final = _finish(model, cfg, hold_s or train_s, out, info, train_info(cfg.epochs), progress)
     ddp.barrier(info)
-    return final
+    return final, model
 
 
 def _finish(model: HaloAE, cfg: TrainCfg, calib_samples, out: Path, info: ddp.DistInfo,
@@ -304,4 +336,4 @@ def _step(model: HaloAE, heads: nn.Module, opt, scaler, images: torch.Tensor,
     return parts
 
 
-__all__ = ["train", "RunError", "ConfigError", "CheckpointError", "LOG_FIELDS"]
+__all__ = ["train", "TrainResult", "RunError", "ConfigError", "CheckpointError", "LOG_FIELDS"]

@@ -158,7 +158,8 @@ def test_publish_result_never_blocks_and_counts_drops(tmp_path, broker):
     for i in range(300):
         pub.publish_result(r)
     per_call = (time.perf_counter() - t0) / 300
-    assert per_call < 0.002, f"publish_result took {per_call * 1000:.2f} ms per call"
+    # encoding one 1280x720 result with overlay takes tens of ms: a blocking call would show it
+    assert per_call < 0.005, f"publish_result took {per_call * 1000:.2f} ms per call"
     assert pub.counters["dropped"] > 0
     pub.stop()
 

@@ -19,8 +19,9 @@ def _toy_graph(path, n=1, size=8):
                               name="map_mean"),
              helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3],
                               keepdims=0, name="score_max")]
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [n, 3, size, size])
     graph = helper.make_graph(
-        nodes, "toy", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [n, 3, size, size])],
+        nodes, "toy", [image],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, [n]),
          helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [n, 1, size, size])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -12,12 +12,14 @@ def naive_halo_attention(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
     """Reference: explicit loops over blocks, heads and positions; padding EXCLUDED from the
     softmax (not masked), so any mask bug in the layer shows as a mismatch."""
     N, _, H, W = x.shape
-    b, h, w = layer.block_size, layer.halo_size, layer.win_size
+    b, h = layer.block_size, layer.halo_size
     nh, d = layer.heads, layer.dim_head
-    q = layer.q(x) * layer.scale  # [N, nh*d, H, W]
-    kv = layer.kv(x)
+    xc = x.permute(0, 2, 3, 1)  # [N, H, W, C]: q / kv are per-pixel linear layers
+    q = layer.q(xc).permute(0, 3, 1, 2) * layer.scale  # [N, nh*d, H, W]
+    kv = layer.kv(xc).permute(0, 3, 1, 2)  # [N, 2*nh*d, H, W]
     k_all, v_all = kv[:, : nh * d], kv[:, nh * d:]
-    rh, rw = layer.rel_pos.rel_height, layer.rel_pos.rel_width
+    span = 2 * b + 2 * h - 1  # relative offsets -(b-1+h) .. b-1+h per axis
+    table = layer.rel_bias.reshape(nh, span, span)
     out = torch.zeros(N, nh * d, H, W, dtype=x.dtype)
     for n in range(N):
         for head in range(nh):
@@ -32,8 +34,8 @@ def naive_halo_attention(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
                                 for kx in range(bx - h, bx + b + h):
                                     if not (0 <= ky < H and 0 <= kx < W):
                                         continue  # padding: not part of the softmax at all
-                                    rel = rh[ky - qy + w - 1] + rw[kx - qx + w - 1]
-                                    logits.append(qv @ k_all[n, ch, ky, kx] + qv @ rel)
+                                    rel = table[head, ky - qy + b - 1 + h, kx - qx + b - 1 + h]
+                                    logits.append(qv @ k_all[n, ch, ky, kx] + rel)
                                     values.append(v_all[n, ch, ky, kx])
                             a = torch.stack(logits).softmax(0)
                             out[n, ch, qy, qx] = (a[:, None] * torch.stack(values)).sum(0)
@@ -59,7 +61,7 @@ def test_padding_gets_exactly_zero_weight():
     x = torch.randn(1, 8, 8, 8)
     with torch.no_grad():
         _, attn = layer(x, return_attn=True)  # [N, nh, nb, b*b, w*w]
-    _, pad = window_index((8, 8), 4, 2)  # [nb, w*w] True = padding
+    _, _, pad = window_index((8, 8), 4, 2)  # [nb, w*w] True = padding
     pad = pad[None, None, :, None, :].expand_as(attn)
     assert pad.any() and (~pad).any()
     assert torch.all(attn[pad] == 0.0), "padding positions must get exactly zero weight"
@@ -69,10 +71,12 @@ def test_padding_gets_exactly_zero_weight():
 
 def test_window_index_mask_counts():
     # 4x4 map, 2x2 blocks, halo 1: windows 4x4; corner windows have 7 padding positions.
-    _, pad = window_index((4, 4), 2, 1)
+    rows, cols, pad = window_index((4, 4), 2, 1)
     assert pad.shape == (4, 16)
+    assert rows.tolist() == [4, 0, 1, 2, 1, 2, 3, 4]  # 4 = the appended zero row (padding)
+    assert cols.tolist() == rows.tolist()
     assert pad.sum(1).tolist() == [7, 7, 7, 7]
-    _, pad = window_index((8, 8), 4, 0)
+    _, _, pad = window_index((8, 8), 4, 0)
     assert not pad.any()
 
 
@@ -94,6 +98,7 @@ def test_fully_padded_corner_no_nan():
     """Block 1x1 with a halo of 3: a corner window is 40 of 49 padding; zero input too."""
     torch.manual_seed(0)
     layer = HaloAttention(4, 4, heads=1, block_size=1, halo_size=3)
+    torch.nn.init.zeros_(layer.rel_bias)  # zero input -> all valid logits equal
     for x in (torch.zeros(1, 4, 4, 4), torch.randn(1, 4, 4, 4) * 100):
         with torch.no_grad():
             out, attn = layer(x, return_attn=True)  # [N, nh, nb, b*b, w*w]
@@ -126,7 +131,7 @@ def test_bfloat16_forward_matches_fp32():
         ref, attn32 = layer(x, return_attn=True)
         out, attn16 = layer.to(torch.bfloat16)(x.to(torch.bfloat16), return_attn=True)
     assert torch.isfinite(out).all()
-    _, pad = window_index((8, 8), 4, 1)
+    _, _, pad = window_index((8, 8), 4, 1)
     assert torch.all(attn16[pad[None, None, :, None, :].expand_as(attn16)] == 0)
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
 

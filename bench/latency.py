@@ -1,0 +1,143 @@
+"""Model latency per frame: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime fp16.
+
+For a trained checkpoint (or a model config with untrained Block C: latency does not depend on
+the weights) it exports bundles at batch 1 and at ``--batch``, then times each runtime after a
+warm-up: median and p99 ms per *frame*, the model's FLOPs, the achieved GFLOP/s, and the
+machine's measured fp32 matmul GFLOP/s for scale. Writes JSON.
+
+    python bench/latency.py --checkpoint runs/mtd-edge/final.pt --threads 2 --out bench/results/latency.json
+    python bench/latency.py --config edge --threads 2          # untrained weights, same graph
+    python bench/latency.py --bundle /etc/haloae/bundle --backend tensorrt --precision fp16   # on a Jetson
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def timeit(fn, x, warmup: int, iters: int) -> dict:
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    n = x.shape[0]
+    per_frame = np.array(times) / n
+    return {"batch": n, "iters": iters, "median_ms": float(np.median(per_frame)),
+            "p99_ms": float(np.percentile(per_frame, 99)), "fps": float(1000.0 / np.median(per_frame))}
+
+
+def matmul_gflops(threads: int, n: int = 1024, iters: int = 20) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e9
+
+
+def model_flops(module, size: int) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(torch.rand(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def load_module(args):
+    from haloae.train.checkpoint import load_checkpoint, save_checkpoint
+    from haloae.train.config import load_model_config
+    from haloae.train.inference import HaloAEInference
+    from haloae.train.torch_model import create_model
+
+    if args.checkpoint:
+        model, ckpt = load_checkpoint(args.checkpoint)
+        return HaloAEInference(model, ckpt["calibration"]), Path(args.checkpoint)
+    model = create_model(load_model_config(args.config)).eval()
+    calib = {"image_threshold": 1.0, "pixel_threshold": 1.0}
+    tmp = Path(tempfile.mkdtemp()) / "untrained.pt"
+    save_checkpoint(tmp, model, calib, {"note": "untrained Block C, for latency only"})
+    return HaloAEInference(model, calib), tmp
+
+
+def ort_fn(path: Path, threads: int):
+    from haloae.export.parity import ort_session
+
+    sess = ort_session(path, threads)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a trained final.pt")
+    src.add_argument("--config", help="a model config name or path (untrained weights)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime (default 2)")
+    parser.add_argument("--batch", type=int, default=8, help="the larger batch to compare with batch 1")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/latency.json"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from haloae.export.cli import export_bundle
+
+    torch.set_num_threads(args.threads)
+    module, ckpt_path = load_module(args)
+    module.eval()
+    size = module.cfg.input_size
+    flops = model_flops(module, size)
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "threads": args.threads, "torch": torch.__version__,
+                           "matmul_gflops": round(matmul_gflops(args.threads), 1)},
+               "model": {"input": size, "gflops_per_frame": round(flops / 1e9, 3),
+                         "checkpoint": str(ckpt_path)},
+               "date": time.strftime("%Y-%m-%d"), "runs": []}
+    print(f"model: {flops / 1e9:.2f} GFLOP/frame; machine matmul {results['machine']['matmul_gflops']} GFLOP/s "
+          f"({args.threads} threads)", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="haloae-latency-"))
+    for batch in sorted({1, args.batch}):
+        bundle = work / f"b{batch}"
+        export_bundle(ckpt_path, bundle, fp16=True, batch=batch, samples=batch, threads=args.threads)
+        x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+
+        def torch_run(a):
+            with torch.inference_mode():
+                return module(torch.from_numpy(a))
+
+        runners = {"torch-eager": torch_run,
+                   "onnxruntime-fp32": ort_fn(bundle / "model.onnx", args.threads),
+                   "onnxruntime-fp16": ort_fn(bundle / "model.fp16.onnx", args.threads)}
+        for name, fn in runners.items():
+            r = timeit(fn, x, args.warmup, args.iters)
+            r["runtime"] = name
+            r["gflops_achieved"] = round(flops / 1e9 * r["fps"], 2)
+            results["runs"].append(r)
+            print(f"{name:18s} batch {batch}: median {r['median_ms']:.2f} ms/frame, p99 {r['p99_ms']:.2f}, "
+                  f"{r['gflops_achieved']} GFLOP/s", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
