@@ -85,6 +85,10 @@ def run(argv: list[str] | None = None) -> int:
         return _fail("bundle", f"model.bundle: {e}")
     except BackendUnavailable as e:
         return _fail("backend", f"model.backend: {e}")
+    except OSError as e:  # state_dir not writable, outbox unreadable, disk full
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        return _fail("state", f"state_dir{where}: {e.strerror or e}; check that the folder exists and "
+                              "this user may write it (systemd: StateDirectory=)")
     if args.validate_config:
         print(f"haloae-edge: config OK: node {cfg.node}, {len(cfg.cameras)} camera(s), "
               f"bundle {cfg.model.bundle}, backend {app.backend.description}")
@@ -94,7 +98,11 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    code = run(argv)
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are installed (loading a model)
+        print("haloae-edge: interrupted", file=sys.stderr)
+        code = 130
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

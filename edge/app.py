@@ -104,16 +104,13 @@ class EdgeApp:
             self._statuses.setdefault(status.camera, deque()).append(status)
         self._wake.set()
 
-    def _in_flight(self, camera: str) -> bool:
-        return self.frames.depth(camera) > 0 or self.inference.processed < self.frames.taken
-
     def _flush_statuses(self, force: bool = False) -> None:
         """Publish queued camera statuses in order. ``offline``/``ended`` wait until the camera's
         last frames are scored, so they never overtake its results (the publisher ends a running
         alarm on them)."""
         with self._status_lock:
             for cam, queue in self._statuses.items():
-                while queue and (force or queue[0].state in ("starting", "online") or not self._in_flight(cam)):
+                while queue and (force or queue[0].state in ("starting", "online") or not self.frames.busy(cam)):
                     status = queue.popleft()
                     status.dropped = self.frames.dropped(cam)
                     status.backend, status.model_id = self.backend.description, self.inference.model_id
@@ -185,14 +182,8 @@ class EdgeApp:
 
     def _drain_publisher(self, timeout: float) -> None:
         """Let the publisher send what it queued (SIGTERM skips this: exit fast)."""
-        flush = getattr(self.publisher, "flush", None)
-        if flush is not None:
-            flush(timeout)
-            return
-        deadline = time.monotonic() + timeout
-        while self.publisher.stats()["queue"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # the message being encoded
+        if not self.publisher.flush(timeout):
+            log.warning("results still queued after %.0f s: they are dropped at exit", timeout)
 
     def _feed_idle_watchdog(self, now: float) -> None:
         states = [w.state for w in self.captures.values()]

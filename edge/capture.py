@@ -86,6 +86,9 @@ def check_source(cam: CameraConfig, index: int) -> None:
     if kind == "gstreamer" and not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
         raise ConfigError(f"{where}: this OpenCV ({cv2.__version__}) has no GStreamer support; "
                           "install an OpenCV built with GStreamer (JetPack's python3-opencv)")
+    if kind == "v4l2" and not cv2.videoio_registry.hasBackend(cv2.CAP_V4L2):
+        raise ConfigError(f"{where}: this OpenCV ({cv2.__version__}) has no V4L2 support; install "
+                          "opencv-python(-headless) from PyPI or JetPack's python3-opencv")
     if kind == "url" and not cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
         raise ConfigError(f"{where}: this OpenCV has no FFmpeg support for URLs; use a GStreamer "
                           "pipeline (kind: gstreamer) or an OpenCV built with FFmpeg")

@@ -111,7 +111,10 @@ class InferenceWorker(threading.Thread):
             old = self.backend
             self._apply(*pending)
             if old is not pending[0]:
-                old.close()
+                try:
+                    old.close()
+                except Exception:  # noqa: BLE001 - the new backend runs; a leak is the lesser evil
+                    log.exception("closing the previous %s backend failed", old.name)
 
     # -- loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -141,6 +144,7 @@ class InferenceWorker(threading.Thread):
                 self._stop_evt.wait(min(0.05 * failures, 0.5))
             finally:
                 self.processed += len(frames)
+                self.frames.release(frames)
 
     def _score(self, backend: Backend, frames: list[Frame]) -> None:
         picked = time.monotonic()

@@ -113,9 +113,9 @@ class LatestFrames:
         self._slots: dict[str, Frame] = {}
         self._overwritten = dict.fromkeys(self.cameras, 0)
         self._sender_dropped = dict.fromkeys(self.cameras, 0)
-        self._sender_errors = dict.fromkeys(self.cameras, 0)
         self._received = dict.fromkeys(self.cameras, 0)
         self.taken = 0  # frames handed to inference so far
+        self._inflight: dict[str, int] = dict.fromkeys(self.cameras, 0)  # taken, not yet released
         self._cond = threading.Condition()
         self._stop = threading.Event()
         # take() empties a lossless camera's slot from another thread: wake the collector at once
@@ -174,7 +174,6 @@ class LatestFrames:
             self._slots[cam] = frame
             self._received[cam] += 1
             self._sender_dropped[cam] = h["dropped"]
-            self._sender_errors[cam] = h["errors"]
             self._cond.notify_all()
 
     def take(self, max_n: int, timeout: float | None = None) -> list[Frame]:
@@ -186,10 +185,22 @@ class LatestFrames:
             ready = sorted(self._slots.values(), key=lambda f: f.received_mono)[:max_n]
             for f in ready:
                 del self._slots[f.camera]
+                self._inflight[f.camera] += 1
             self.taken += len(ready)
         if any(self.cameras[f.camera] for f in ready):
             self._wake()  # a lossless camera's socket goes back into the poll set
         return ready
+
+    def release(self, frames: list[Frame]) -> None:
+        """Inference is done with ``frames`` (scored and handed on, or failed)."""
+        with self._cond:
+            for f in frames:
+                self._inflight[f.camera] -= 1
+
+    def busy(self, camera: str) -> bool:
+        """A frame of ``camera`` waits for inference or is being scored."""
+        with self._cond:
+            return camera in self._slots or self._inflight[camera] > 0
 
     def put_back(self, frames: list[Frame]) -> None:
         """Return taken frames to their slots unless a newer frame arrived meanwhile (then they
@@ -197,6 +208,7 @@ class LatestFrames:
         with self._cond:
             for f in frames:
                 self.taken -= 1
+                self._inflight[f.camera] -= 1
                 if f.camera in self._slots:
                     self._overwritten[f.camera] += 1
                 else:

@@ -109,6 +109,7 @@ class MqttClient:
         """Publish ``available`` = ``final`` (retained, QoS 1) when connected, wait for its
         PUBACK, disconnect (no last will) and stop the network thread, all within ``timeout``."""
         deadline = time.monotonic() + timeout
+        self._stopping = True
         if final is not None and self.connected:
             info = self._client.publish(self.available_topic, final, qos=1, retain=True)
             try:
@@ -153,7 +154,9 @@ class MqttClient:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
+        if was and getattr(self, "_stopping", False):
+            log.info("MQTT: disconnected from %s:%d", self.cfg.host, self.cfg.port)
+        elif was:
             log.warning("MQTT: disconnected from %s:%d (%s); reconnecting, alarm events wait in the outbox",
                         self.cfg.host, self.cfg.port, reason_code)
 

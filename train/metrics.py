@@ -35,11 +35,6 @@ def _check_binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     return y, s
 
 
-def _tie_groups(s_sorted: np.ndarray) -> np.ndarray:
-    """Start index of every run of equal values in an ascending array."""
-    return np.concatenate([[0], np.flatnonzero(np.diff(s_sorted)) + 1])
-
-
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (NaN when only one class is present)."""
     y, s = _check_binary(labels, scores)
@@ -47,13 +42,19 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    starts = _tie_groups(s[order])
-    ends = np.append(starts[1:], s.size)
-    pos_per_group = np.add.reduceat(y[order].astype(np.int64), starts)
-    mean_rank = (starts + 1 + ends) / 2.0  # 1-based average rank of each tie group
-    rank_sum = float(np.dot(pos_per_group, mean_rank))
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    # P(score_pos > score_neg) + P(equal) / 2 by binary search of the sorted smaller group in
+    # the sorted larger one (sorted queries keep the search cache-friendly on 10^7 pixels)
+    pos, neg = np.sort(s[y]), np.sort(s[~y])
+    if n_pos <= n_neg:
+        left = np.searchsorted(neg, pos, side="left")  # negatives below each positive
+        right = np.searchsorted(neg, pos, side="right")
+        above = float(np.sum(left, dtype=np.int64))
+    else:
+        left = np.searchsorted(pos, neg, side="left")
+        right = np.searchsorted(pos, neg, side="right")  # positives above: n_pos - right
+        above = float(np.sum(n_pos - right, dtype=np.int64))
+    ties = float(np.sum(right - left, dtype=np.int64))
+    return (above + 0.5 * ties) / (n_pos * n_neg)
 
 
 def roc_curve(

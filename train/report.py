@@ -138,6 +138,7 @@ def plot_overlays(scored: ScoredSet, rows: list[int], title: str, pixel_thr: flo
 
 def _markdown(m: dict[str, Any]) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    g = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     thr, at = m["threshold"], m["at_threshold"]
     lines = [
         f"# HaloAE evaluation: {m['model'].get('model')} ({m['source']})", "",
@@ -153,14 +154,15 @@ def _markdown(m: dict[str, Any]) -> str:
         *[f"| {k} | {f(v)} |" for k, v in m["per_class"].items()], "",
         f"## Threshold ({thr['method']})", "",
         f"Image threshold {thr['image']:.4g}, pixel threshold {thr['pixel']:.4g} in normalised "
-        f"units: {FORMULA}. Raw thresholds: image {thr.get('raw_image')}, pixel "
-        f"{thr.get('raw_pixel')}.", "",
+        f"units: {FORMULA}. Raw thresholds: image {g(thr.get('raw_image'))}, pixel "
+        f"{g(thr.get('raw_pixel'))}.", "",
         f"At the image threshold: {at['tp']} TP, {at['fp']} FP, {at['fn']} FN, {at['tn']} TN "
         f"(recall {at['recall']:.3f}, precision {at['precision']:.3f}, false-positive rate "
         f"{at['false_positive_rate']:.3f}).", "",
         "## Figures", "",
         *[f"![{name}]({name})" for name in m["figures"]], "",
-        f"Model: `{m['model'].get('file')}` on {m['model'].get('device')}.",
+        f"Model: `{m['model'].get('file')}` on {m['model'].get('device')} "
+        f"({m['model'].get('threads')} CPU threads).",
         "Compare `haloae-eval --checkpoint` with `--bundle` on the same data to see how far the "
         "deployed scores are from the training-side ones.", ""]
     return "\n".join(lines)

@@ -217,7 +217,11 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
 
     sampler = DistributedSampler(range(len(train_s)), num_replicas=info.world_size,
                                  rank=info.rank, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size) * cfg.repeat
+    per_epoch = len(sampler) * cfg.repeat  # images per rank and epoch
+    steps_per_epoch = per_epoch // cfg.batch_size + (per_epoch % cfg.batch_size >= 2)
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_s)} training image(s) over {info.world_size} process(es) "
+                        "do not fill a batch of 2; add images or use fewer processes")
     total_steps = steps_per_epoch * cfg.epochs
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     enabled = tuple(k for k, on in (("ce", model.classifier is not None), ("feat", True),
@@ -249,11 +253,9 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
             sampler.set_epoch(epoch * cfg.repeat + r)
             order += list(sampler)
         sums: dict[str, float] = {}
-        n_steps = 0
-        for b in range(steps_per_epoch):
+        n_steps, lr = 0, cfg.lr
+        for b in range(steps_per_epoch):  # a lone leftover image is dropped (BatchNorm)
             idx = order[b * cfg.batch_size: (b + 1) * cfg.batch_size]
-            if len(idx) < 2:  # a lone leftover image: BatchNorm needs 2
-                continue
             step = epoch * steps_per_epoch + b
             weights = loss_weights(step / max(total_steps - 1, 1), curves, enabled)
             lr = _lr_at(cfg, step, total_steps)

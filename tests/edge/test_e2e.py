@@ -5,7 +5,9 @@ subscriber checking results, masks, alarms and ``available`` (online / stopped /
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -47,9 +49,21 @@ def write_config(tmp_path: Path, port: int, bundle: Path, cameras: list[dict]) -
     return path
 
 
-def start_daemon(config: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([bin_path("haloae-edge"), "--config", str(config), *extra], env=CHILD_ENV,
+def start_daemon(config: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([bin_path("haloae-edge"), "--config", str(config), *extra], env=env or CHILD_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def notifications(sock: socket.socket, seconds: float) -> list[str]:
+    """systemd notify datagrams received within ``seconds``."""
+    out, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            out.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+    return out
 
 
 def available(sub: Subscriber) -> list[str]:
@@ -61,8 +75,15 @@ def test_daemon_end_to_end(tmp_path, broker, tiny_bundle):
     write_video(tmp_path / "clean.avi", 0)
     defective = {i for i in range(N_FRAMES) if sim.is_defective(i)}
     assert defective == set(range(16, 24))
+    folder = tmp_path / "shots"  # a folder camera with garbage in it: skipped, counted in stats
+    folder.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.cvtColor(sim.frame(i)[0], cv2.COLOR_RGB2BGR))
+    (folder / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cv2.imwrite(str(folder / "4.png"), np.full((256, 256), 90, np.uint8))  # grey
     cameras = [{"id": "line", "source": "defects.avi", "lossless": True, "threshold": THRESHOLD},
-               {"id": "clean", "source": "clean.avi", "lossless": True, "threshold": THRESHOLD}]
+               {"id": "clean", "source": "clean.avi", "lossless": True, "threshold": THRESHOLD},
+               {"id": "shots", "source": "shots", "lossless": True}]
     config = write_config(tmp_path, broker.port, tiny_bundle, cameras)
     sub = Subscriber(broker.port, [f"{PREFIX}/#"])
     sub.wait_subscribed()
@@ -105,25 +126,68 @@ def test_daemon_end_to_end(tmp_path, broker, tiny_bundle):
         assert starts["clean"] == [], "no alarm on a clean run"
         stats = [json.loads(p) for p in sub.on(f"{PREFIX}/stats")]
         assert stats and stats[-1]["cameras"]["line"]["inspected"] == N_FRAMES
+        assert sorted(json.loads(p)["frame_id"] for p in sub.on(f"{PREFIX}/shots/result")) == [0, 1, 3, 5]
+        shots = stats[-1]["cameras"]["shots"]
+        assert shots["errors"] == 2 and shots["inspected"] == 4 and shots["state"] == "ended", shots
 
-        # run 2: SIGTERM -> `stopped` and exit within 3 s
-        cameras = [{"id": "line", "source": "synthetic", "fps": 20}]
-        config = write_config(tmp_path, broker.port, tiny_bundle, cameras)
+        # run 2: a camera file disappears and comes back, SIGHUP reloads the bundle without
+        # dropping MQTT, SIGTERM -> `stopped` and exit within 3 s
+        video = tmp_path / "defects.avi"
+        cameras = [{"id": "line", "source": "synthetic", "fps": 15},
+                   {"id": "vid", "source": str(video), "loop": True, "fps": 15}]
+        bundle = tmp_path / "bundle"
+        shutil.copytree(tiny_bundle, bundle)
+        config = write_config(tmp_path, broker.port, bundle, cameras)
         n_avail = len(available(sub))
-        n_res = len(sub.on(f"{PREFIX}/line/result"))
+        count = lambda cam: len(sub.on(f"{PREFIX}/{cam}/result"))  # noqa: E731
+        state = lambda cam: json.loads(sub.on(f"{PREFIX}/{cam}/status")[-1])["state"]  # noqa: E731
+        n_line, n_vid = count("line"), count("vid")
         proc = start_daemon(config)
-        sub.wait_for(lambda m: len(sub.on(f"{PREFIX}/line/result")) > n_res + 5, timeout=30)
+        sub.wait_for(lambda m: count("line") > n_line + 5 and count("vid") > n_vid + 5, timeout=30)
         assert available(sub)[n_avail:] == ["online"], "online while running"
+        video.rename(tmp_path / "away.avi")
+        sub.wait_for(lambda m: state("vid") == "offline", timeout=10)
+        assert "removed" in json.loads(sub.on(f"{PREFIX}/vid/status")[-1])["detail"]
+        n_line = count("line")
+        sub.wait_for(lambda m: count("line") > n_line + 10, timeout=10)  # the other camera runs on
+        (tmp_path / "away.avi").rename(video)
+        sub.wait_for(lambda m: state("vid") == "online", timeout=10)
+        model = bundle / "model.onnx"
+        good = model.read_bytes()
+        model.write_bytes(good[:-100])  # truncated: the reload must refuse it and keep running
+        proc.send_signal(signal.SIGHUP)
+        n_line = count("line")
+        sub.wait_for(lambda m: count("line") > n_line + 10, timeout=15)
+        model.write_bytes(good)
+        proc.send_signal(signal.SIGHUP)
+        n_line = count("line")
+        sub.wait_for(lambda m: count("line") > n_line + 10, timeout=15)
+        assert available(sub)[n_avail:] == ["online"], "SIGHUP must not drop the MQTT connection"
         t_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=10)
         stop_s = time.monotonic() - t_term
         assert proc.returncode == 0 and stop_s < 3.0, f"exit code {proc.returncode} after {stop_s:.2f} s"
+        assert "reload failed, still running model" in err and "sha256" in err, err[-3000:]
+        assert "reloaded: model" in err and "Traceback" not in err, err[-3000:]
         sub.wait_for(lambda m: available(sub)[-1:] == ["stopped"], timeout=5)
 
-        # run 3: SIGKILL -> the broker publishes the last will `offline`
-        proc = start_daemon(config)
+        # run 3: under a systemd-like NOTIFY_SOCKET: READY=1, then WATCHDOG=1 while frames flow;
+        # SIGKILL -> the broker publishes the last will `offline`
+        config = write_config(tmp_path, broker.port, tiny_bundle, cameras[:1])
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmp_path / "notify.sock"))
+        env = {**CHILD_ENV, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+        proc = start_daemon(config, env=env)
         sub.wait_for(lambda m: available(sub)[-1:] == ["online"], timeout=30)
+        msgs = []  # before the first frame only idle WATCHDOG=1 (cameras still starting) may come
+        deadline = time.monotonic() + 20
+        while not any(m.startswith("READY=1") for m in msgs) and time.monotonic() < deadline:
+            msgs += notifications(notify, 0.5)
+        assert any(m.startswith("READY=1\nSTATUS=inspecting") for m in msgs), msgs
+        msgs = notifications(notify, 1.0)
+        assert msgs.count("WATCHDOG=1") >= 2, msgs
+        notify.close()
         proc.kill()
         proc.communicate(timeout=10)
         sub.wait_for(lambda m: available(sub)[-1:] == ["offline"], timeout=10)

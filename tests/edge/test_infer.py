@@ -157,3 +157,16 @@ def test_backend_that_keeps_failing_is_fatal(ort):
         assert rig.stats.snapshot()["inference"]["errors"] >= 10 and rig.results == []
     finally:
         rig.close()
+
+
+def test_stats_percentiles_fps_and_capture_fields():
+    stats = Stats(["a"], window=100)
+    for i in range(200):
+        stats.record("a", {"capture": 1.0, "queue": 2.0, "inference": float(i % 100), "total": 10.0}, i % 4 == 0)
+    stats.record_batch(2, 5.0)
+    snap = stats.snapshot({"a": {"state": "online", "dropped": 7}}, {"backend": "x"})
+    a = snap["cameras"]["a"]
+    assert a["inspected"] == 200 and a["anomalous"] == 50 and a["dropped"] == 7 and a["state"] == "online"
+    assert a["latency_ms"]["inference"] == {"p50": 49.5, "p99": 98.01}, "rolling window of the last 100"
+    assert a["latency_ms"]["total"]["p99"] == 10.0 and a["fps"] > 0
+    assert snap["backend"] == "x" and snap["inference"]["mean_batch"] == 2.0

@@ -204,3 +204,19 @@ def test_only_anomalous_results_without_masks(tmp_path, broker):
     pub.stop()
     sub.close()
     assert [json.loads(p)["frame_id"] for t, p, _ in msgs] == [2, 4] and len(sub.messages) == 2
+
+
+def test_stop_publishes_the_queued_results_first(tmp_path, broker):
+    cfg = edge_config(tmp_path, broker.port)
+    sub = Subscriber(broker.port, [f"{P}/+/result", f"{P}/available"])
+    sub.wait_subscribed()
+    pub = Publisher(cfg, cfg.state_dir)
+    pub.start()
+    assert pub.client.wait_connected(10)
+    for i in range(20):
+        pub.publish_result(make_result("cam0", i, size=(320, 240)))
+    pub.stop(timeout=2.0)  # right away: the queue still holds most of them
+    msgs = sub.wait_for(lambda m: (f"{P}/available", b"stopped", False) in m)
+    sub.close()
+    assert [json.loads(p)["frame_id"] for t, p, _ in msgs if t.endswith("/result")] == list(range(20))
+    assert pub.counters["dropped"] == 0

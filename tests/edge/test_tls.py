@@ -3,6 +3,7 @@
 import datetime
 import ipaddress
 import logging
+import shutil
 import subprocess
 import time
 
@@ -65,6 +66,8 @@ def make_pki(folder, ca_name="haloae-test-ca"):
 
 @pytest.fixture
 def tls_broker(tmp_path):
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd is missing (Debian package: mosquitto)")
     pki = make_pki(tmp_path / "pki")
     pw = tmp_path / "passwd"
     for i, (user, password) in enumerate([("daemon", "d-secret"), ("monitor", "m-secret")]):

@@ -165,3 +165,21 @@ def test_toy_bundle_runs_in_onnxruntime(bundle):
                            {m["input"]["name"]: x})
     assert amap.shape == tuple(m["outputs"]["anomaly_map"]["shape"])
     np.testing.assert_allclose(score, x.mean(axis=1).max(axis=(1, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["missing-checkpoint", "out-not-a-bundle"])
+def test_export_cli_bad_input_exit_2(tmp_path, capsys, case):
+    from haloae.export.cli import main
+
+    out = tmp_path / "out"
+    if case == "out-not-a-bundle":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        (tmp_path / "c.pt").write_bytes(b"x")
+        args, expected = [str(tmp_path / "c.pt"), "--out", str(out)], "is not a bundle"
+    else:
+        args, expected = [str(tmp_path / "nope.pt"), "--out", str(out)], "not found"
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and expected in err[0], err
+    assert case != "out-not-a-bundle" or (out / "notes.txt").read_text() == "mine"

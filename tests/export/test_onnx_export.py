@@ -95,7 +95,7 @@ def test_fp16_graph_within_tolerance_and_fp32_islands(exported):
     inferred = onnx.shape_inference.infer_shapes(model16)
     elem = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     for node in inferred.graph.node:
-        if node.op_type in ("Softmax", "ReduceMean", "ReduceMax"):
+        if node.op_type in ("Softmax", "ReduceMean", "ReduceMax", "ReduceSum", "TopK"):
             assert elem.get(node.input[0]) == TensorProto.FLOAT, node.name
     assert trt_ops.check_model(model16) == []
 

@@ -15,6 +15,9 @@ def test_auroc_matches_sklearn_with_ties(seed):
     y = rng.integers(0, 2, 500)
     s = np.round(rng.normal(size=500) + y, 1)  # rounding makes many ties
     assert metrics.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    few = y * (rng.random(500) < 0.2)  # few positives, then few negatives: both search paths
+    assert metrics.auroc(few, s) == pytest.approx(roc_auc_score(few, s), abs=1e-12)
+    assert metrics.auroc(1 - few, s) == pytest.approx(roc_auc_score(1 - few, s), abs=1e-12)
 
 
 def test_auroc_single_class_is_nan():
