@@ -180,7 +180,8 @@ def write_config(work: Path, args, port: int) -> Path:
 
 def daemon_command(config: Path) -> list[str]:
     exe = Path(sys.executable).parent / "haloae-edge"
-    return [str(exe), "--config", str(config)] if exe.exists() else [sys.executable, "-m", "haloae.edge", "--config", str(config)]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "haloae.edge"]
+    return [*cmd, "--config", str(config)]
 
 
 def bounce_times(args) -> list[float]:
@@ -323,7 +324,8 @@ def summarise(args, work, samples, outages, listener, stats_start, stats_end, dr
         "frames_inspected": cam_end.get("inspected"), "fps": round(fps, 2) if fps else None,
         "frames_dropped_at_handoff": cam_end.get("dropped"), "capture_errors": cam_end.get("errors"),
         "results_received": listener.results, "publisher": (stats_end or {}).get("publisher"),
-        "alarms": {**cmp, "messages_received": listener.alarm_messages,
+        "alarms": {**cmp, "raised_per_last_stats": ((stats_end or {}).get("publisher") or {}).get("alarm_events"),
+                   "messages_received": listener.alarm_messages,
                    "duplicates": listener.alarm_messages - len(listener.events),
                    "delivered_raised_during_outages": in_outage, "left_in_outbox": left},
         "daemon_exit_code": exit_code, "targets": targets, "targets_met": all(targets.values()),
@@ -360,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--linger-s", type=float, default=3.0, help="subscriber listens this long after the daemon exits")
     p.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt", "torch"])
     p.add_argument("--threads", type=int, default=1, help="inference threads (and OMP_NUM_THREADS of the daemon)")
-    p.add_argument("--defect-every", type=int, default=2, help="synthetic camera: every n-th run of 8 frames is defective")
+    p.add_argument("--defect-every", type=int, default=2,
+                   help="synthetic camera: every n-th run of 8 frames is defective")
     p.add_argument("--keep", type=Path, help="keep the work folder (daemon log, state, broker log) here")
     args = p.parse_args(argv)
     if not (args.bundle / "manifest.json").is_file():

@@ -65,6 +65,14 @@ def _gauss_1d(size: int, sigma: float) -> torch.Tensor:
     return g / g.sum()
 
 
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable 'valid' Gaussian blur per channel: [N, C, H, W] -> [N, C, H-s+1, W-s+1]."""
+    C, size = x.shape[1], g.numel()
+    kh = g.reshape(1, 1, size, 1).repeat(C, 1, 1, 1)
+    kw = g.reshape(1, 1, 1, size).repeat(C, 1, 1, 1)
+    return F.conv2d(F.conv2d(x, kh, groups=C), kw, groups=C)
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
          data_range: float = 1.0) -> torch.Tensor:
     """Mean SSIM of [N, C, H, W] tensors (any C: images or feature maps), Gaussian window,
@@ -73,21 +81,20 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
         raise ValueError(f"ssim needs two [N, C, H, W] tensors of one shape, got "
                          f"{list(a.shape)} and {list(b.shape)}")
     a, b = a.float(), b.float()
-    C = a.shape[1]
-    size = min(window, a.shape[-2], a.shape[-1])
+    C, (H, W) = a.shape[1], a.shape[-2:]
+    size = min(window, H, W)
     size -= 1 - size % 2  # odd
     g = _gauss_1d(size, sigma).to(a.device)
-    kh = g.reshape(1, 1, size, 1).expand(C, 1, size, 1)
-    kw = g.reshape(1, 1, 1, size).expand(C, 1, 1, size)
-
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(x, kh, groups=C), kw, groups=C)  # N, C, H-s+1, W-s+1
-
+    moments = [a, b, a * a, b * b, a * b]
+    if H * W >= 4096:  # images: one channels-last depthwise blur of all five (2x faster on CPU)
+        x = torch.cat(moments, dim=1).contiguous(memory_format=torch.channels_last)  # N, 5C, H, W
+        mu_a, mu_b, aa, bb, ab = _blur(x, g).split(C, dim=1)
+    else:  # small many-channel feature maps: five separate blurs are faster
+        mu_a, mu_b, aa, bb, ab = (_blur(m, g) for m in moments)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
+    var_a = aa - mu_a ** 2
+    var_b = bb - mu_b ** 2
+    cov = ab - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return s.mean()
 

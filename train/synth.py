@@ -27,14 +27,14 @@ _SPLIT_CODES = {"train": 0, "test": 1}
 
 
 def _jobs(train: int, test_good: int, test_per_kind: int):
-    """(split, kind or None, index) for every image, in writing order."""
+    """(split, kind or None, random-stream index, file number) for every image."""
     for i in range(train):
-        yield "train", None, i
+        yield "train", None, i, i
     for i in range(test_good):
-        yield "test", None, i
+        yield "test", None, i, i
     for k, kind in enumerate(DEFECT_KINDS):
         for i in range(test_per_kind):
-            yield "test", kind, 1000 * (k + 1) + i
+            yield "test", kind, 1_000_000 * (k + 1) + i, i
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
@@ -59,12 +59,12 @@ def generate(out: Path, seed: int, size: int = 256, train: int = 120, test_good:
     if progress:
         from tqdm import tqdm
         it = tqdm(jobs, desc="haloae-synth", unit="img")
-    for split, kind, index in it:
+    for split, kind, index, number in it:
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
         img, mask = sample(rng, size, kind)
         folder = out / split / (kind or "good")
         folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{index % 1000:03d}"
+        stem = f"{number:03d}"
         _write_png(folder / f"{stem}.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         if kind is not None:
             gt = out / "ground_truth" / kind

@@ -64,6 +64,7 @@ class TrainCfg:
     """One training run."""
 
     model: str = "edge"  # model config: a name in configs/model or a YAML path (relative to this file or cwd)
+    model_overrides: dict = field(default_factory=dict)  # keys of the model config to change for this run, e.g. {image_decoder_widths: [48, 24, 12]}
     epochs: int = 30
     batch_size: int = 8
     repeat: int = 1  # passes over the training images per epoch (small data sets)
@@ -108,7 +109,8 @@ class TrainCfg:
         return dataclasses.asdict(self)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+               dict: "a mapping"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -163,7 +165,20 @@ def load_train_config(path: Union[str, Path]) -> TrainCfg:
     return cfg
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def resolve_model_config(cfg: TrainCfg) -> ModelCfg:
-    """The `ModelCfg` that ``cfg.model`` names."""
-    return load_model_config(cfg.model)
+    """The `ModelCfg` that ``cfg.model`` names, with ``cfg.model_overrides`` applied."""
+    model = load_model_config(cfg.model)
+    if not cfg.model_overrides:
+        return model
+    try:
+        return ModelCfg.from_dict(_merge(model.to_dict(), cfg.model_overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"train config: model_overrides: {exc}") from exc
 
