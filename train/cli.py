@@ -45,7 +45,9 @@ config, calibration; load with haloae.train.checkpoint.load_checkpoint) and trai
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="haloae-train", description=__doc__.splitlines()[0].split(": ", 1)[1],
+        prog="haloae-train",
+        description="Train a HaloAE model on defect-free images, calibrate it on held-out "
+                    "normal images and write a run folder.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, type=Path,
                    help="training config YAML (configs/train/*.yaml)")

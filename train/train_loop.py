@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import ddp
 from .calibrate import calibrate
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .config import ConfigError
+from .checkpoint import read_checkpoint, save_checkpoint
 from .cutpaste import augment_batch
 from .data import DataError, ImageDataset, find_train_samples, load_images, split_holdout
 from .loss import haloae_loss, loss_weights
@@ -209,7 +208,9 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
     start_epoch, time_before = 0, 0.0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state.get("resume", {}).get("scaler", {}) or scaler.state_dict())
+        saved_scaler = (state.get("resume") or {}).get("scaler") or {}
+        if use_amp and saved_scaler:  # absent when the run started without AMP (CPU)
+            scaler.load_state_dict(saved_scaler)
         start_epoch = int(state["epoch"])
         history = list(state["train"].get("history", []))
         time_before = float(state["train"].get("time_s", 0.0))
@@ -286,14 +287,18 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
         _LOG.info("stopped after epoch %d of %d; continue with --resume", end_epoch, cfg.epochs)
         return None, model
     final = None
+    if not hold_s:
+        _LOG.warning("holdout_fraction=0: calibrating on the training images; thresholds "
+                     "will be too low (hold out some normal images)")
     if info.is_main:
-        final = _finish(model, cfg, hold_s or train_s, out, info, train_info(cfg.epochs), progress)
+        final = _finish(model, cfg, hold_s or train_s, out, info,
+                        lambda: train_info(cfg.epochs), progress)
     ddp.barrier(info)
     return final, model
 
 
 def _finish(model: HaloAE, cfg: TrainCfg, calib_samples, out: Path, info: ddp.DistInfo,
-            tinfo: dict, progress: bool) -> Path:
+            train_info: Callable[[], dict], progress: bool) -> Path:
     """Calibrate on held-out normal images and write final.pt."""
     loader = DataLoader(ImageDataset(calib_samples, model.cfg.input_size),
                         batch_size=cfg.calib_batch_size, num_workers=cfg.num_workers)
@@ -302,7 +307,7 @@ def _finish(model: HaloAE, cfg: TrainCfg, calib_samples, out: Path, info: ddp.Di
         loader = tqdm(loader, desc="calibrating", unit="batch", leave=False)
     cal = calibrate(model, loader, cfg.image_quantile, cfg.pixel_quantile, info.device)
     cal["images"] = len(calib_samples)
-    path = save_checkpoint(out / "final.pt", model, cal, tinfo)
+    path = save_checkpoint(out / "final.pt", model, cal, train_info())
     model.train()
     return path
 
@@ -336,6 +341,3 @@ def _step(model: HaloAE, heads: nn.Module, opt, scaler, images: torch.Tensor,
     scaler.step(opt)
     scaler.update()
     return parts
-
-
-__all__ = ["train", "TrainResult", "RunError", "ConfigError", "CheckpointError", "LOG_FIELDS"]
