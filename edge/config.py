@@ -146,7 +146,7 @@ class HealthConfig(_Strict):
 
 class EdgeConfig(_Strict):
     node: str = Field(description="this daemon's name in MQTT topics")
-    state_dir: Path = Field(Path(os.environ.get("STATE_DIRECTORY", "/var/lib/haloae-edge")),
+    state_dir: Path = Field(default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "/var/lib/haloae-edge")),
                             description="engines, outbox and evidence live here (systemd StateDirectory=)")
     cameras: list[CameraConfig] = Field(min_length=1)
     model: ModelConfig

@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--count", type=int, help="exit after this many results")
     p.add_argument("--timeout", type=float, help="exit after this many seconds (exit code 1 if --count was not reached)")
     p.add_argument("--json", action="store_true", help="print the raw JSON payloads, one per line")
+    p.add_argument("--mqtt3", action="store_true", help="speak MQTT 3.1.1 instead of 5 (older brokers)")
     return p.parse_args(argv)
 
 
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     host, _, port = args.broker.partition(":")
     mon = Monitor(args)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311 if args.mqtt3 else mqtt.MQTTv5)
     client.on_connect, client.on_subscribe, client.on_message = mon.on_connect, mon.on_subscribe, mon.on_message
     if args.username:
         client.username_pw_set(args.username, os.environ.get("HALOAE_MQTT_PASSWORD"))

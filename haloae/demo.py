@@ -116,7 +116,7 @@ def edge_config(workdir: Path, video: Path, bundle: Path, broker: DemoBroker, th
     cfg = {
         "node": "demo",
         "state_dir": str(workdir / "state"),
-        "cameras": [{"id": "line1", "source": str(video), "kind": "file"}],
+        "cameras": [{"id": "line1", "source": str(video), "kind": "file", "lossless": True}],
         "model": {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads},
         "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocol},
         "publish": {"results": "all", "mask": True, "overlay": True, "zmq_pub": None},
@@ -181,22 +181,8 @@ def _near_defect(frame_id: int, truth: list[bool], slack: int = 5) -> bool:
     return any(truth[i] for i in range(max(frame_id - slack, 0), min(frame_id + 1, len(truth))))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="haloae-demo", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=REPO / ".haloae-demo", help="where everything is written")
-    parser.add_argument("--frames", type=int, default=96, help="frames in the line video (default 96)")
-    parser.add_argument("--broker", help="HOST:PORT of an MQTT broker to use instead of starting one")
-    parser.add_argument("--train-config", type=Path, default=REPO / "configs/train/synthetic-edge.yaml")
-    parser.add_argument("--retrain", action="store_true", help="train again even if a model exists")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for training and inference")
-    parser.add_argument("--readme-image", type=Path, help="also write the README's detection picture here")
-    args = parser.parse_args(argv)
-    t0 = time.monotonic()
-    wd = args.workdir.resolve()
-    wd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-
+def prepare_bundle(wd: Path, args: argparse.Namespace, env: dict) -> Path:
+    """Steps 1-3: data, training, export; each reused when its output exists."""
     step(1, "synthetic line data (good parts to train on, defects to test with)")
     data = wd / "data"
     if (data / "train" / "good").is_dir():
@@ -210,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt.is_file() and not args.retrain:
         print(f"  reusing the model trained earlier: {ckpt} (--retrain to train again)")
     else:
-        if args.retrain and run_dir.exists():
-            shutil.rmtree(run_dir)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a half-finished earlier run: start afresh
         run("haloae-train", "--config", str(args.train_config), "--data", str(data), "--out", str(run_dir),
             "--threads", str(args.threads), env=env)
 
@@ -222,6 +208,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  reusing {bundle}")
     else:
         run("haloae-export", str(ckpt), "--out", str(bundle), "--data", str(data), "--samples", "4", "--fp16", env=env)
+    return bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="haloae-demo", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=REPO / ".haloae-demo", help="where everything is written")
+    parser.add_argument("--frames", type=int, default=96, help="frames in the line video (default 96)")
+    parser.add_argument("--broker", help="HOST:PORT of an MQTT broker to use instead of starting one")
+    parser.add_argument("--train-config", type=Path, default=REPO / "configs/train/synthetic-edge.yaml")
+    parser.add_argument("--retrain", action="store_true", help="train again even if a model exists")
+    parser.add_argument("--bundle", type=Path, help="use this exported bundle (skips steps 1-3)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for training and inference")
+    parser.add_argument("--readme-image", type=Path, help="also write the README's detection picture here")
+    args = parser.parse_args(argv)
+    t0 = time.monotonic()
+    wd = args.workdir.resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+
+    if args.bundle:
+        bundle = args.bundle.resolve()
+        print(f"\n[1-3/6] using the bundle {bundle} (no data, training or export needed)")
+    else:
+        bundle = prepare_bundle(wd, args, env)
 
     step(4, "MQTT broker")
     broker = DemoBroker(args.broker, wd)
