@@ -227,9 +227,9 @@ class Publisher:
                           "MQTT publishing goes on", self.cfg.publish.zmq_pub, err)
         while True:
             with self._cv:
+                self._busy = False  # the previous item is done (flush() waits for this)
                 while not (self._control or self._results or self._stopping):
                     self._cv.wait()
-                self._busy = False
                 if self._control:
                     item = self._control.popleft()
                 elif self._results:

@@ -98,11 +98,15 @@ class DemoBroker:
 
 
 def write_video(path: Path, frames: int, size: int, seed: int) -> list[bool]:
-    """A line video (MJPG AVI) of ``frames`` parts; returns which frames are defective."""
+    """A line video of ``frames`` parts; returns which frames are defective. Lossless FFV1 (the
+    frames reach the model as generated, like a raw industrial camera's), MJPG where OpenCV has
+    no FFV1 encoder."""
     from haloae.edge.synthetic import LineSimulator
 
     sim = LineSimulator(size=size, seed=seed, run_length=8, defect_every=3)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (size, size))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 10.0, (size, size))
+    if not writer.isOpened():
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (size, size))
     truth = []
     for i in range(frames):
         rgb, _ = sim.frame(i)
@@ -112,11 +116,13 @@ def write_video(path: Path, frames: int, size: int, seed: int) -> list[bool]:
     return truth
 
 
-def edge_config(workdir: Path, video: Path, bundle: Path, broker: DemoBroker, threads: int) -> Path:
+def edge_config(workdir: Path, video: Path, bundle: Path, broker: DemoBroker, threads: int,
+                threshold: float | None = None) -> Path:
     cfg = {
         "node": "demo",
         "state_dir": str(workdir / "state"),
-        "cameras": [{"id": "line1", "source": str(video), "kind": "file", "lossless": True}],
+        "cameras": [{"id": "line1", "source": str(video), "kind": "file", "lossless": True,
+                     "threshold": threshold}],
         "model": {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads},
         "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocol},
         "publish": {"results": "all", "mask": True, "overlay": True, "zmq_pub": None},
@@ -220,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-config", type=Path, default=REPO / "configs/train/synthetic-edge.yaml")
     parser.add_argument("--retrain", action="store_true", help="train again even if a model exists")
     parser.add_argument("--bundle", type=Path, help="use this exported bundle (skips steps 1-3)")
+    parser.add_argument("--threshold", type=float, help="image threshold of the camera (default: the bundle's, 0.5)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for training and inference")
     parser.add_argument("--readme-image", type=Path, help="also write the README's detection picture here")
     args = parser.parse_args(argv)
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     video = wd / "line.avi"
     truth = write_video(video, args.frames, 256, seed=7)
     shutil.rmtree(wd / "state", ignore_errors=True)
-    config = edge_config(wd, video, bundle, broker, args.threads)
+    config = edge_config(wd, video, bundle, broker, args.threads, args.threshold)
     collector = Collector(broker, "haloae/demo")
     monitor = subprocess.Popen([str(BIN / "haloae-monitor"), "--broker", f"{broker.host}:{broker.port}",
                                 "--prefix", "haloae/demo", "--save-masks", str(wd / "masks"),

@@ -14,10 +14,12 @@ README = (REPO / "README.md").read_text()
 
 def test_demo_reduced_raises_alarms_only_for_defects(tmp_path, tiny_bundle):
     """haloae-demo on the tiny bundle: a broker is found or started, haloae-edge inspects a
-    generated line video and the summary shows alarms during defective runs only."""
+    generated line video and the summary shows alarms during defective runs only. The tiny
+    test model scores clean video frames up to ~0.65 and defects at 3-7, so the camera
+    threshold is raised to 1.0 (the demo's real model is calibrated well at 0.5)."""
     wd = tmp_path / "demo"
     proc = run_cli(bin_path("haloae-demo"), "--workdir", str(wd), "--bundle", str(tiny_bundle),
-                   "--frames", "48", "--threads", "1", "--readme-image", str(wd / "detection.png"),
+                   "--frames", "48", "--threads", "1", "--threshold", "1.0", "--readme-image", str(wd / "detection.png"),
                    timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((wd / "summary.json").read_text())
