@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,28 @@ def ort_fn(path: Path, threads: int):
     return lambda x: sess.run(None, {name: x})
 
 
+def time_runtime(name: str, ckpt: str, bundle: str, batch: int, threads: int, warmup: int, iters: int,
+                 size: int) -> dict:
+    """Time one runtime (runs in its own process)."""
+    x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+    if name == "torch-eager":
+        import torch
+
+        from haloae.train.checkpoint import load_checkpoint
+        from haloae.train.inference import HaloAEInference
+
+        torch.set_num_threads(threads)
+        model, ck = load_checkpoint(ckpt)
+        module = HaloAEInference(model, ck["calibration"]).eval()
+
+        def fn(a):
+            with torch.inference_mode():
+                return module(torch.from_numpy(a))
+    else:
+        fn = ort_fn(Path(bundle) / ("model.onnx" if name.endswith("fp32") else "model.fp16.onnx"), threads)
+    return timeit(fn, x, warmup, iters)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -114,20 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {flops / 1e9:.2f} GFLOP/frame; machine matmul {results['machine']['matmul_gflops']} GFLOP/s "
           f"({args.threads} threads)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="haloae-latency-"))
+    ctx = multiprocessing.get_context("spawn")
     for batch in sorted({1, args.batch}):
         bundle = work / f"b{batch}"
         export_bundle(ckpt_path, bundle, fp16=True, batch=batch, samples=batch, threads=args.threads)
-        x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
-
-        def torch_run(a):
-            with torch.inference_mode():
-                return module(torch.from_numpy(a))
-
-        runners = {"torch-eager": torch_run,
-                   "onnxruntime-fp32": ort_fn(bundle / "model.onnx", args.threads),
-                   "onnxruntime-fp16": ort_fn(bundle / "model.fp16.onnx", args.threads)}
-        for name, fn in runners.items():
-            r = timeit(fn, x, args.warmup, args.iters)
+        for name in ("torch-eager", "onnxruntime-fp32", "onnxruntime-fp16"):
+            # each runtime in a fresh process: torch's OpenMP threads keep spinning after a
+            # forward and slowed ONNX Runtime in the same process by ~1.8x on 2 cores
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                r = pool.submit(time_runtime, name, str(ckpt_path), str(bundle), batch, args.threads,
+                                args.warmup, args.iters, size).result()
             r["runtime"] = name
             r["gflops_achieved"] = round(flops / 1e9 * r["fps"], 2)
             results["runs"].append(r)

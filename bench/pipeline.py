@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="inference threads for both measurements")
     p.add_argument("--live-fraction", type=float, default=0.6, help="latency run: source fps as a fraction of the backend's")
     args = p.parse_args(argv)
+    args.bundle = args.bundle.resolve()  # the daemon config lives in a temporary folder
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
     with tempfile.TemporaryDirectory(prefix="haloae-bench-") as tmp:

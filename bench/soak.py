@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="synthetic camera: every n-th run of 8 frames is defective")
     p.add_argument("--keep", type=Path, help="keep the work folder (daemon log, state, broker log) here")
     args = p.parse_args(argv)
+    args.bundle = args.bundle.resolve()  # the daemon config lives in a temporary folder
     if not (args.bundle / "manifest.json").is_file():
         sys.exit(f"bench/soak.py: no bundle at {args.bundle} (manifest.json missing); make one with haloae-export")
     if args.keep:
