@@ -7,7 +7,7 @@ tensors by name (``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode``)
 ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` on a CUDA stream.
 
 Device memory and copies go through cuda-python (``cuda.bindings.runtime`` or the older
-``cuda.cudart``) or, without it, through torch's CUDA allocator. Both are imported here, lazily.
+``cuda.cudart``), imported here lazily; the edge never needs torch for TensorRT.
 """
 
 from __future__ import annotations
@@ -67,51 +67,10 @@ class CudartMemory:
         self.rt.cudaFree(handle)
 
 
-class TorchCudaMemory:
-    """The same with torch's CUDA tensors (when cuda-python is missing but torch has CUDA)."""
-
-    def __init__(self):
-        try:
-            import torch
-        except ImportError:
-            raise BackendUnavailable("neither cuda-python nor torch is installed for CUDA memory") from None
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("torch sees no CUDA GPU")
-        self.torch = torch
-        self.stream = torch.cuda.Stream()
-
-    def alloc(self, shape: tuple, dtype: np.dtype):
-        t = self.torch.from_numpy(np.empty(shape, dtype)).to("cuda")
-        return t, t.data_ptr()
-
-    def htod(self, handle, host: np.ndarray) -> None:
-        with self.torch.cuda.stream(self.stream):
-            handle.copy_(self.torch.from_numpy(host), non_blocking=False)
-
-    def dtoh(self, host: np.ndarray, handle) -> None:
-        with self.torch.cuda.stream(self.stream):
-            self.torch.from_numpy(host).copy_(handle, non_blocking=False)
-
-    @property
-    def stream_handle(self) -> int:
-        return self.stream.cuda_stream
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
-    def free(self, handle) -> None:
-        del handle
-
-
 def cuda_memory():
-    """cuda-python if installed, else torch; ``BackendUnavailable`` if neither works."""
-    try:
-        return CudartMemory()
-    except BackendUnavailable as first:
-        try:
-            return TorchCudaMemory()
-        except BackendUnavailable as second:
-            raise BackendUnavailable(f"no CUDA memory API: {first}; {second}") from None
+    """Device memory and a stream through cuda-python (``pip install cuda-python``); the edge
+    side never imports torch outside the torch backend. ``BackendUnavailable`` if missing."""
+    return CudartMemory()
 
 
 class TensorRTBackend(Backend):
