@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=1883, help="TCP port on 127.0.0.1 (default 1883)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # amqtt logs every bare TCP probe (the demo's "is a broker there?" check) as an error
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     asyncio.run(_serve(args.port))
 
 
