@@ -7,7 +7,6 @@ machine's measured fp32 matmul GFLOP/s for scale. Writes JSON.
 
     python bench/latency.py --checkpoint runs/mtd-edge/final.pt --threads 2 --out bench/results/latency.json
     python bench/latency.py --config edge --threads 2          # untrained weights, same graph
-    python bench/latency.py --bundle /etc/haloae/bundle --backend tensorrt --precision fp16   # on a Jetson
 """
 
 from __future__ import annotations

@@ -54,14 +54,15 @@ def read_video(path: Path) -> list[np.ndarray]:
         frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
-def bench_backend(bundle: Path, backend_name: str, threads: int, frames: list[np.ndarray], state: Path) -> dict:
+def bench_backend(bundle: Path, backend_name: str, threads: int, frames: list[np.ndarray], state: Path,
+                  precision: str = "fp32") -> dict:
     from haloae.edge.backends.select import load_backend
     from haloae.edge.config import ModelConfig
     from haloae.edge.infer import preprocess
     from haloae.export.bundle import verify_bundle
 
     manifest = verify_bundle(bundle)
-    backend = load_backend(ModelConfig(bundle=bundle, backend=backend_name, threads=threads), bundle, manifest, state)
+    backend = load_backend(ModelConfig(bundle=bundle, backend=backend_name, threads=threads, precision=precision), bundle, manifest, state)
     n, _, h, w = backend.input_shape
     xs = [np.stack([preprocess(f, h, w)] * n) for f in frames]
     for x in xs[:5]:  # warm-up
@@ -128,10 +129,10 @@ class ResultSink:
 
 
 def run_daemon(work: Path, port: int, bundle: Path, video: Path, backend: str, threads: int,
-               camera: dict, name: str, env: dict) -> list[tuple[float, dict]]:
+               camera: dict, name: str, env: dict, precision: str = "fp32") -> list[tuple[float, dict]]:
     cfg = {"node": name, "state_dir": str(work / "state"),
            "cameras": [{"id": "cam1", "source": str(video), **camera}],
-           "model": {"bundle": str(bundle), "backend": backend, "threads": threads},
+           "model": {"bundle": str(bundle), "backend": backend, "threads": threads, "precision": precision},
            "mqtt": {"host": "127.0.0.1", "port": port},
            "publish": {"zmq_pub": None, "stats_interval_s": 5},
            "evidence": {"enabled": False}, "health": {"log_level": "WARNING"}}
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=256, help="frame size (square)")
     p.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt", "torch"])
     p.add_argument("--threads", type=int, default=1, help="inference threads for both measurements")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="model file / TensorRT engine precision")
     p.add_argument("--live-fraction", type=float, default=0.6, help="latency run: source fps as a fraction of the backend's")
     args = p.parse_args(argv)
     args.bundle = args.bundle.resolve()  # the daemon config lives in a temporary folder
@@ -177,21 +179,21 @@ def main(argv: list[str] | None = None) -> None:
         write_video(video, args.frames, args.size)
         frames = read_video(video)
         print("[2/4] backend alone", flush=True)
-        alone = bench_backend(args.bundle, args.backend, args.threads, frames, work / "state" / "engines")
+        alone = bench_backend(args.bundle, args.backend, args.threads, frames, work / "state" / "engines", args.precision)
         print(f"      {alone['backend']}: {alone['fps']:.1f} frames/s ({alone['fps_with_preprocess']:.1f} with "
               "preprocessing)", flush=True)
         broker, port = start_broker(work)
         try:
             print("[3/4] daemon, lossless file source (throughput)", flush=True)
             items = run_daemon(work, port, args.bundle, video, args.backend, args.threads, {"lossless": True},
-                               "bench", env)
+                               "bench", env, precision=args.precision)
             times = [t for t, _ in items]
             daemon_fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
             live_fps = round(args.live_fraction * alone["fps"], 1)
             print(f"      {len(items)} results, {daemon_fps:.1f} frames/s", flush=True)
             print(f"[4/4] daemon, file paced at {live_fps} frames/s (latency, drops like a live camera)", flush=True)
             live = run_daemon(work, port, args.bundle, video, args.backend, args.threads, {"fps": live_fps},
-                              "benchlive", env)
+                              "benchlive", env, precision=args.precision)
         finally:
             broker.terminate()
             broker.wait(5)
