@@ -292,7 +292,8 @@ class Publisher:
         else:  # nothing above the pixel threshold: an empty mask, no resize needed
             amap, mask, found = None, None, []
         payload = _dumps(result_payload(self.node, r, found, alarm_id))
-        mask_png = self._mask_png(mask, w, h)
+        want_png = pub is not None or to_evidence or (to_mqtt and self.cfg.publish.mask)
+        mask_png = self._mask_png(mask, w, h) if want_png else b""
         topic = f"{self.prefix}/{r.camera}"
         if pub is not None:
             pub.send(f"{topic}/result", payload, mask_png)
