@@ -12,13 +12,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+
+from haloae.validate import check_client_id, check_identifier, check_prefix, check_threshold, mqtt_text_problem
+
+from .yaml_file import read_yaml
 
 EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
+Roi = Annotated[tuple[StrictInt, ...], Field(strict=False)]
+_NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
 class ConfigError(ValueError):
@@ -26,7 +32,15 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys refused; no type juggling (``"5"`` is not a number, ``true`` not 1, ``"1_0"`` not
+    10); no NaN or infinity anywhere."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+
+def _ordered(low: float, high: float, low_name: str, high_name: str) -> None:
+    if low > high:
+        raise ValueError(f"{low_name} ({low:g}) must be <= {high_name} ({high:g})")
 
 
 class CameraConfig(_Strict):
@@ -40,40 +54,54 @@ class CameraConfig(_Strict):
                            "handing over only the newest frame (replaying recordings, tests, benchmarks; "
                            "not for live cameras, whose frames would lag)")
     fps: float | None = Field(None, gt=0, description="cap on frames per second taken from the source")
-    roi: tuple[int, int, int, int] | None = Field(None, description="region of interest x, y, width, height in pixels")
-    threshold: float | None = Field(None, gt=0, description="per-camera image threshold override (normalised units, default from the bundle: 0.5)")
+    roi: Roi | None = Field(None, description="region of interest x, y, width, height in pixels")
+    threshold: float | None = Field(None, description="per-camera image threshold override: a number in (0, 10] "
+                                    "(normalised units; default from the bundle: 0.5)")
     seed: int = Field(0, description="synthetic source only: seed of the simulated line")
     defect_every: int = Field(3, ge=0, description="synthetic source only: every n-th run of frames is defective (0 = never)")
 
     @field_validator("id")
     @classmethod
     def _check_id(cls, v: str) -> str:
-        if not _ID.match(v):
-            raise ValueError("use 1-64 letters, digits, '_' or '-' (it becomes part of MQTT topics)")
+        return check_identifier(v, "the camera id")
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        problem = mqtt_text_problem(v) if v else "it is empty"
+        if problem:
+            raise ValueError(f"invalid source {v!r}: {problem}")
         return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _check_threshold(cls, v: float | None) -> float | None:
+        return None if v is None else check_threshold(v)
 
     @field_validator("roi")
     @classmethod
     def _check_roi(cls, v):
-        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
-            raise ValueError("roi is x, y, width, height with x, y >= 0 and width, height > 0")
-        return v
+        if v is None:
+            return None
+        if len(v) != 4 or v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0:
+            raise ValueError(f"roi is [x, y, width, height] with x, y >= 0 and width, height > 0, got {list(v)}")
+        return tuple(v)
 
 
 class ModelConfig(_Strict):
-    bundle: Path = Field(description="bundle folder written by haloae-export")
+    bundle: Path = Field(strict=False, description="bundle folder written by haloae-export")
     backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
         "auto", description="auto picks the fastest available: tensorrt, then onnxruntime (CUDA, then CPU), then torch")
     precision: Literal["fp32", "fp16"] = Field("fp32", description="which model file / engine precision to run")
     batch_size: int = Field(1, ge=1, description="frames per inference call, batched across cameras (<= the bundle's batch)")
     threads: int = Field(0, ge=0, description="CPU threads for inference (0 = all cores)")
-    checkpoint: Path | None = Field(None, description="torch backend only: the training checkpoint")
+    checkpoint: Path | None = Field(None, strict=False, description="torch backend only: the training checkpoint")
 
 
 class TLSConfig(_Strict):
-    ca: Path = Field(description="CA certificate file that signed the broker's certificate")
-    cert: Path | None = Field(None, description="client certificate (mutual TLS)")
-    key: Path | None = Field(None, description="client private key (mutual TLS)")
+    ca: Path = Field(strict=False, description="CA certificate file that signed the broker's certificate")
+    cert: Path | None = Field(None, strict=False, description="client certificate (mutual TLS)")
+    key: Path | None = Field(None, strict=False, description="client private key (mutual TLS)")
     insecure: bool = Field(False, description="skip host-name verification (testing only)")
 
 
@@ -89,8 +117,53 @@ class MqttConfig(_Strict):
     tls: TLSConfig | None = None
     keepalive: int = Field(30, ge=5, le=3600)
     qos_results: Literal[0, 1] = Field(0, description="QoS of result/mask messages (alarms are always QoS 1)")
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    reconnect_min_s: float = Field(1.0, gt=0, le=3600, description="first reconnect delay (doubles up to reconnect_max_s)")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="longest reconnect delay; a connection lost "
+                                   "after working is retried at least every 2 s for its first 5 minutes")
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str) -> str:
+        if _HOST.fullmatch(v) is None:
+            raise ValueError(f"invalid broker host {v!r}: use a host name or an IP address (no spaces, no URL)")
+        return v
+
+    @field_validator("client_id")
+    @classmethod
+    def _check_client_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_client_id(v)
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, v: str | None) -> str | None:
+        return None if v is None else check_prefix(v)
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, v: str | None) -> str | None:
+        problem = mqtt_text_problem(v) if v is not None else None
+        if problem or v == "":
+            raise ValueError(f"invalid user name {v!r}: {problem or 'it is empty'} (leave it out for no user)")
+        return v
+
+    @field_validator("password_env")
+    @classmethod
+    def _check_env(cls, v: str) -> str:
+        if _ENV_NAME.fullmatch(v) is None:
+            raise ValueError(f"{v!r} is not an environment variable name (letters, digits, '_')")
+        return v
+
+    @field_validator("password_credential")
+    @classmethod
+    def _check_credential(cls, v: str) -> str:
+        if not v or "/" in v or v in (".", "..") or mqtt_text_problem(v):
+            raise ValueError(f"{v!r} is not a file name in $CREDENTIALS_DIRECTORY")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff_order(self):
+        _ordered(self.reconnect_min_s, self.reconnect_max_s, "reconnect_min_s", "reconnect_max_s")
+        return self
 
     def password(self) -> str | None:
         """The password from the environment or the systemd credential; never from YAML."""
@@ -131,7 +204,14 @@ class AlarmConfig(_Strict):
 
 class EvidenceConfig(_Strict):
     enabled: bool = Field(True, description="save anomalous frames, masks and overlays")
-    dir: Path = Field(Path("evidence"), description="folder inside state_dir")
+    dir: Path = Field(Path("evidence"), strict=False, description="folder inside state_dir")
+
+    @field_validator("dir")
+    @classmethod
+    def _inside(cls, v: Path) -> Path:
+        if v.is_absolute() or ".." in v.parts or v == Path("."):
+            raise ValueError(f"{str(v)!r} must be a folder name inside state_dir (relative, no '..'), e.g. evidence")
+        return v
     quota_mb: float = Field(500.0, gt=0, description="size quota; the oldest files are deleted first")
     min_interval_s: float = Field(1.0, ge=0, description="per camera, at most one saved frame per this many seconds")
     frame_format: Literal["jpg", "png"] = Field("jpg", description="format of the saved frame (png is lossless, larger)")
@@ -143,11 +223,16 @@ class HealthConfig(_Strict):
     reopen_min_s: float = Field(1.0, gt=0, description="first retry delay of a lost camera (doubles up to reopen_max_s)")
     reopen_max_s: float = Field(30.0, gt=0)
 
+    @model_validator(mode="after")
+    def _backoff_order(self):
+        _ordered(self.reopen_min_s, self.reopen_max_s, "reopen_min_s", "reopen_max_s")
+        return self
+
 
 class EdgeConfig(_Strict):
     node: str = Field(description="this daemon's name in MQTT topics")
     state_dir: Path = Field(default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "/var/lib/haloae-edge")),
-                            description="engines, outbox and evidence live here (systemd StateDirectory=)")
+                            strict=False, description="engines, outbox and evidence live here (systemd StateDirectory=)")
     cameras: list[CameraConfig] = Field(min_length=1)
     model: ModelConfig
     mqtt: MqttConfig = MqttConfig()
@@ -159,16 +244,15 @@ class EdgeConfig(_Strict):
     @field_validator("node")
     @classmethod
     def _check_node(cls, v: str) -> str:
-        if not _ID.match(v):
-            raise ValueError("use 1-64 letters, digits, '_' or '-' (it becomes part of MQTT topics)")
-        return v
+        return check_identifier(v, "node")
 
-    @model_validator(mode="after")
-    def _unique_cameras(self):
-        ids = [c.id for c in self.cameras]
+    @field_validator("cameras")
+    @classmethod
+    def _unique_cameras(cls, cameras):
+        ids = [c.id for c in cameras]
         if len(set(ids)) != len(ids):
             raise ValueError(f"camera ids must be unique, got {ids}")
-        return self
+        return cameras
 
     @property
     def prefix(self) -> str:
@@ -194,6 +278,13 @@ def _format_error(err: ValidationError) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check its spelling; see configs/edge/*.yaml for the keys)"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    elif first["type"] != "missing" and "input" in first:
+        shown = repr(first["input"])
+        msg = f"{msg}, got {shown if len(shown) <= 40 else shown[:40] + '...'}"
+        if isinstance(first["input"], str) and _NUMBER_TEXT.fullmatch(first["input"]):
+            msg += " (text, not a number: drop the quotes; YAML reads 1e5 as text, write 1.0e+5)"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{where}: {msg}{more}"
 
@@ -252,13 +343,9 @@ def load_config(path: str | Path, check: bool = True) -> EdgeConfig:
     """Read, validate and (with ``check``) check the files of a daemon config."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        data = read_yaml(path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     cfg = parse_config(data, base_dir=path.parent)
     if check:
         check_files(cfg)

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from haloae.validate import check_threshold, strict_json
+
 log = logging.getLogger(__name__)
 
 FORMAT = "haloae-bundle"
@@ -104,9 +106,15 @@ def load_manifest(bundle_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{path} is missing: {bundle_dir} is not a complete bundle; {_HINT}")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        manifest = strict_json(path.read_bytes().decode("utf-8"), str(path))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path} is not UTF-8 text (byte {exc.start}); {_HINT}") from None
+    except json.JSONDecodeError as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); {_HINT}") from None
+    except ValueError as exc:  # a duplicate key, NaN or Infinity
+        raise BundleError(f"{exc}; {_HINT}") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a HaloAE bundle manifest (format must be "
                           f"'{FORMAT}'); {_HINT}")
@@ -117,6 +125,8 @@ def load_manifest(bundle_dir: Path) -> dict[str, Any]:
     if missing:
         raise BundleError(f"{path} lacks the section(s) {', '.join(missing)}; {_HINT}")
     _check_shapes(manifest, path)
+    _check_names(manifest, path)
+    _check_thresholds(manifest, path)
     return manifest
 
 
@@ -138,6 +148,36 @@ def _check_shapes(manifest: dict[str, Any], path: Path) -> None:
                               f"shape {shape} implies {want}; {_HINT}")
     if MODEL_FP32 not in manifest["files"]:
         raise BundleError(f"{path}: files lists no {MODEL_FP32}; {_HINT}")
+
+
+def _check_names(manifest: dict[str, Any], path: Path) -> None:
+    """Tensor names the backends bind, and file names that stay inside the bundle folder."""
+    names = [manifest["input"].get("name"), manifest["outputs"]["score"]["name"],
+             manifest["outputs"]["anomaly_map"]["name"]]
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != 3:
+        raise BundleError(f"{path}: input.name, outputs.score.name and outputs.anomaly_map.name must be "
+                          f"three different non-empty names, got {names!r}; {_HINT}")
+    for name, entry in manifest["files"].items():
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise BundleError(f"{path}: files entry {name!r} is not a plain file name inside the bundle; {_HINT}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or isinstance(entry.get("bytes"), bool) or not isinstance(entry.get("bytes"), int):
+            raise BundleError(f"{path}: files.{name} needs a sha256 (text) and bytes (integer); {_HINT}")
+
+
+def _check_thresholds(manifest: dict[str, Any], path: Path) -> None:
+    """``threshold.image`` / ``.pixel`` (normalised, what the daemon compares with) finite in
+    (0, 10]; the raw calibration values, when present, finite and > 0."""
+    thr = manifest["threshold"]
+    for key, upper, note in (("image", 10.0, " (normalised units: the calibrated threshold is 0.5)"),
+                             ("pixel", 10.0, " (normalised units: the calibrated threshold is 0.5)"),
+                             ("raw_image", None, " (the calibrated raw score)"),
+                             ("raw_pixel", None, " (the calibrated raw map value)")):
+        if key in thr:
+            try:
+                check_threshold(thr[key], f"threshold.{key}", upper=upper)
+            except ValueError as exc:
+                raise BundleError(f"{path}: {exc}{note}; fix the manifest or {_HINT}") from None
 
 
 def verify_bundle(bundle_dir: Path, check_onnx: bool = False) -> dict[str, Any]:

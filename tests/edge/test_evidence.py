@@ -43,7 +43,12 @@ def test_camera_ids_cannot_escape_the_folder(tmp_path, camera):
 
 
 def test_evidence_dir_outside_state_dir_is_refused(tmp_path):
-    cfg = edge_config(tmp_path, 1883, evidence={"dir": "../../elsewhere"})
+    with pytest.raises(ConfigError, match="evidence.dir: '../../elsewhere' must be a folder name inside state_dir"):
+        edge_config(tmp_path, 1883, evidence={"dir": "../../elsewhere"})
+    cfg = edge_config(tmp_path, 1883, evidence={"dir": "evidence"})
+    link = tmp_path / "state"
+    link.mkdir()
+    (link / "evidence").symlink_to(tmp_path.parent)  # a link out of state_dir: refused when used
     with pytest.raises(ConfigError, match="escapes state_dir"):
         Publisher(cfg, cfg.state_dir)
 
