@@ -1,11 +1,13 @@
 """The publisher: topic layout, payloads (schema version ``v``), alarms, settings topics.
 
 The inference worker calls :meth:`Publisher.publish_result` for every scored frame. That call
-only runs the alarm debounce (cheap) and appends the result to a bounded queue; one encoder
-thread does the rest (mask at frame resolution, regions, PNG/JPEG encoding, MQTT, the local
-ZeroMQ PUB, evidence files). When that queue is full the result is dropped and counted; alarm
-events are never dropped: they go to the on-disk outbox (``outbox.py``) and are published at
-QoS 1 by its sender thread. Topics and payloads are documented in ``docs/mqtt.md``.
+runs the alarm decision path (``edge/decisions.py``: debounce, then the event is committed to
+the on-disk outbox before the call returns) and appends the result to a bounded queue; one
+encoder thread does the slow rest (mask at frame resolution, regions, PNG/JPEG encoding, MQTT,
+the local ZeroMQ PUB, evidence files). When that queue is full the result is dropped and
+counted; alarm events are never dropped: the sender thread (``edge/delivery.py``) publishes
+them at QoS 1 and settles each one (delivered, or a dead letter reported once on
+``<prefix>/error``). Topics and payloads are documented in ``docs/mqtt.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -23,37 +24,18 @@ from typing import Any, Callable
 import numpy as np
 
 from . import regions
-from .alarms import SCHEMA_VERSION, AlarmEvent, AlarmTracker, iso_utc, num
+from .alarms import SCHEMA_VERSION, iso_utc, num
 from .config import EdgeConfig, inside_dir
+from .decisions import AlarmDesk
+from .delivery import OutboxSender
 from .evidence import EvidenceStore
 from .mqtt_client import MqttClient
-from .outbox import Outbox, OutboxSender
+from .outbox import Outbox, PendingEvent
+from .settings import MAX_SETTING_BYTES, parse_set, split_topic
 
 log = logging.getLogger(__name__)
 
-MAX_SETTING_BYTES = 256
 SettingCallback = Callable[[str | None, str, Any], None]
-
-
-class SettingError(ValueError):
-    """A rejected ``.../set`` message; the text goes to ``<prefix>/error``."""
-
-
-def parse_threshold(payload: bytes) -> float:
-    """A threshold from a ``set`` payload: plain text number, finite, in (0, 10]."""
-    if len(payload) > MAX_SETTING_BYTES:
-        raise SettingError(f"payload of {len(payload)} bytes is too long (at most {MAX_SETTING_BYTES})")
-    try:
-        text = payload.decode("utf-8").strip()
-        value = float(text)
-    except (UnicodeDecodeError, ValueError):
-        raise SettingError("not a number: send the threshold as plain text, e.g. 0.6") from None
-    if not math.isfinite(value) or not 0 < value <= 10:
-        raise SettingError(f"threshold must be a finite number in (0, 10], got {text[:32]!r}")
-    return value
-
-
-SETTINGS: dict[str, Callable[[bytes], Any]] = {"threshold": parse_threshold}
 
 
 def result_payload(node: str, r, regions_: list[dict], alarm_id: str | None) -> dict:
@@ -84,12 +66,13 @@ class Publisher:
         self.client = MqttClient(cfg.mqtt, self.prefix, cfg.mqtt.client_id or f"haloae-{self.node}",
                                  subscriptions=[f"{self.prefix}/+/set", f"{self.prefix}/+/+/set"],
                                  on_message=self._on_mqtt_message, on_connect=self._on_connect,
-                                 on_publish=self._wake_sender)
-        self.sender = OutboxSender(self.outbox, self.client)
+                                 on_publish=lambda mid, rc: self.sender.on_publish(mid, rc),
+                                 on_disconnect=lambda: self.sender.wake(), on_duplicate=self._on_duplicate)
+        self.sender = OutboxSender(self.outbox, self.client, on_dead=self._on_dead_letter)
+        self.alarms = AlarmDesk(self.node, self.prefix, cfg.alarms, self.outbox, self.sender.wake)
         self.evidence = (EvidenceStore(inside_dir(state_dir, cfg.evidence.dir), int(cfg.evidence.quota_mb * 1e6))
                          if cfg.evidence.enabled else None)
-        self._trackers: dict[str, AlarmTracker] = {}
-        self._alarm_lock = threading.Lock()
+        self._last_status: dict[str, Any] = {}
         self._cv = threading.Condition()
         self._results: deque = deque()
         self._control: deque = deque()
@@ -100,9 +83,11 @@ class Publisher:
         self._stopping = False
         self._started = False
         self._busy = False  # the encoder thread is handling an item
-        self.counters = {"results": 0, "dropped": 0, "offline_skipped": 0, "alarm_events": 0,
-                         "settings_rejected": 0, "errors": 0}
+        self.counters = {"results": 0, "dropped": 0, "offline_skipped": 0, "settings_rejected": 0, "errors": 0}
         self._worker = threading.Thread(target=self._run, name="haloae-publish", daemon=True)
+        self.outbox.on_problem = self._outbox_problem
+        if self.outbox.problem:  # the disk failed already while opening the outbox
+            self._outbox_problem(self.outbox.problem)
 
     # --- API for the daemon -----------------------------------------------------------------
     @property
@@ -117,15 +102,12 @@ class Publisher:
         self.sender.wake()  # events left by a previous run go out on the first connect
 
     def publish_result(self, r) -> None:
-        """Debounce alarms and queue the result for encoding; never blocks."""
+        """Decide alarms (the event is in the outbox when this returns), queue the result for
+        encoding; never blocks on MQTT or encoding."""
         if self._stopping:
             return
-        with self._alarm_lock:
-            tracker = self._tracker(r.camera)
-            events = tracker.update(r.anomalous, r.score, r.frame_id, r.timestamp, r.threshold)
-            alarm_id = tracker.active_id or (events[0].id if events else None)
+        alarm_id = self.alarms.decide(r)
         with self._cv:
-            self._control.extend(("alarm", ev) for ev in events)
             if len(self._results) >= self.cfg.publish.queue_size:
                 self.counters["dropped"] += 1
                 if self.counters["dropped"] in (1, 100) or self.counters["dropped"] % 10000 == 0:
@@ -139,15 +121,28 @@ class Publisher:
     def publish_camera_status(self, s) -> None:
         """Retained ``<prefix>/<camera>/status``; ends a running alarm of a camera that went away."""
         if s.state in ("offline", "ended"):
-            with self._alarm_lock:
-                events = self._tracker(s.camera).close(f"camera_{s.state}", time.time())
-            self._submit(*(("alarm", ev) for ev in events))
+            self.alarms.close(s.camera, f"camera_{s.state}")
+        self._last_status[s.camera] = s
+        self._submit(("retained", f"{self.prefix}/{s.camera}/status", self._status_doc(s)))
+
+    def _status_doc(self, s) -> bytes:
         doc = {"v": SCHEMA_VERSION, "camera": s.camera, "state": s.state, "detail": s.detail,
-               "frames": s.frames, "dropped": s.dropped, "errors": s.errors,
+               "frames": s.frames, "dropped": s.dropped, "errors": s.errors, "invalid": getattr(s, "invalid", 0),
                "since": iso_utc(s.since), "since_epoch": round(s.since, 3),
                "backend": getattr(s, "backend", ""), "model": getattr(s, "model_id", ""),
-               "timestamp": iso_utc(time.time())}
-        self._submit(("retained", f"{self.prefix}/{s.camera}/status", _dumps(doc)))
+               "alarms_dead": self.outbox.dead_by_topic.get(f"{self.prefix}/{s.camera}/alarm", 0),
+               "outbox_problem": self.outbox.problem, "timestamp": iso_utc(time.time())}
+        return _dumps(doc)
+
+    def _refresh_statuses(self) -> None:
+        """Publish every camera's last status again (a dead letter, an outbox problem changed)."""
+        for s in list(self._last_status.values()):
+            self._submit(("retained", f"{self.prefix}/{s.camera}/status", self._status_doc(s)))
+
+    def publish_error(self, kind: str, error: str, **fields) -> None:
+        """One ``<prefix>/error`` message (QoS 1, not retained; see docs/mqtt.md)."""
+        doc = {"v": SCHEMA_VERSION, "kind": kind, "error": error, **fields, "timestamp": iso_utc(time.time())}
+        self._submit(("error", _dumps(doc)))
 
     def publish_stats(self, d: dict) -> None:
         """``<prefix>/stats`` (QoS 0, not retained); the publisher adds its own counters."""
@@ -159,9 +154,18 @@ class Publisher:
             self._submit(("retained", f"{self.prefix}/{cam}/{setting}/state", _state_text(value).encode()))
 
     def stats(self) -> dict:
-        return {**self.counters, "queue": len(self._results), "outbox_pending": len(self.outbox),
-                "outbox_dropped": self.outbox.dropped, "alarms_delivered": self.sender.delivered,
+        return {**self.counters, "alarm_events": self.alarms.raised, "queue": len(self._results),
+                "outbox_pending": len(self.outbox), "outbox_dropped": self.outbox.dropped,
+                "alarms_delivered": self.sender.delivered, "alarms_dead": self.sender.dead,
+                "outbox_dead": self.outbox.dead, "outbox_memory": self.outbox.in_memory,
+                "outbox_problem": self.outbox.problem, "duplicate_node": self.client.takeovers,
                 "connected": self.connected}
+
+    def threads_alive(self) -> dict[str, bool]:
+        """The publisher's own threads (the app's supervisor checks them)."""
+        if not self._started:
+            return {}
+        return {"publisher": self._worker.is_alive(), "alarm sender": self.sender.is_alive()}
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued result and message has been handed to MQTT; False on timeout."""
@@ -180,9 +184,7 @@ class Publisher:
             return
         deadline = time.monotonic() + timeout
         self._stopping = True
-        with self._alarm_lock:
-            events = [ev for t in self._trackers.values() for ev in t.close("shutdown", time.time())]
-        self._submit(*(("alarm", ev) for ev in events))
+        self.alarms.close_all("shutdown")
         if self._started:
             self._worker.join(max(0.1, 0.3 * timeout))  # alarms first, then the queued results
             with self._cv:
@@ -203,8 +205,28 @@ class Publisher:
         self._submit(("connected",))
         self.sender.wake()
 
-    def _wake_sender(self) -> None:
-        self.sender.wake()
+    def _on_dead_letter(self, ev: PendingEvent, reason: str, code: int | None) -> None:
+        """From the sender thread: an alarm event that will never be delivered."""
+        try:
+            doc = json.loads(ev.payload)
+        except ValueError:
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+        camera = doc.get("camera")
+        log.error("alarm event %s (seq %s, %s) on %s is a dead letter: %s; kept in the outbox's dead_letters "
+                  "table, the next events go on", doc.get("id", "?"), doc.get("seq", "?"), ev.kind, ev.topic, reason)
+        self.publish_error("dead_letter", f"alarm event not delivered: {reason}", topic=ev.topic, camera=camera,
+                           event_id=doc.get("id"), seq=doc.get("seq"), event=ev.kind, reason_code=code)
+        self._refresh_statuses()
+
+    def _outbox_problem(self, problem: str | None) -> None:
+        """The outbox disk failed (``problem``) or works again (None)."""
+        if problem is not None:
+            self.publish_error("outbox", problem)
+        self._refresh_statuses()
+
+    def _on_duplicate(self, text: str) -> None:
+        self.publish_error("duplicate_node", text, client_id=self.client.client_id)
 
     def _on_mqtt_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic.endswith("/set"):
@@ -247,9 +269,7 @@ class Publisher:
 
     def _handle(self, item: tuple, pub) -> None:
         kind = item[0]
-        if kind == "alarm":
-            self._store_alarm(item[1])
-        elif kind == "result":
+        if kind == "result":
             self._send_result(item[1], item[2], pub)
         elif kind == "retained":
             self._retained[item[1]] = item[2]
@@ -262,22 +282,11 @@ class Publisher:
                 self.client.publish(f"{self.prefix}/stats", _dumps(doc), qos=0)
         elif kind == "setting":
             self._apply_setting(*item[1:])
+        elif kind == "error":  # QoS 1: paho keeps it while disconnected and sends it on reconnect
+            self.client.publish(f"{self.prefix}/error", item[1], qos=1)
         elif kind == "connected":
             for topic, payload in self._retained.items():
                 self.client.publish(topic, payload, qos=1, retain=True)
-
-    def _store_alarm(self, ev: AlarmEvent) -> None:
-        topic, payload = f"{self.prefix}/{ev.camera}/alarm", _dumps(ev.payload())
-        self.counters["alarm_events"] += 1
-        try:
-            self.outbox.add(ev.kind, topic, payload)
-            self.sender.wake()
-        except (OSError, sqlite3.Error) as err:  # disk full or broken: still try to deliver it now
-            self.counters["errors"] += 1
-            log.error("cannot store alarm event %s in the outbox (%s): publishing it without a disk copy; "
-                      "free space in %s", ev.id, err, self.outbox.path.parent)
-            self.client.publish(topic, payload, qos=1)
-        log.info("alarm %s %s on %s (score %.3f, frame %d)", ev.kind, ev.id, ev.camera, ev.score, ev.frame_id)
 
     def _send_result(self, r, alarm_id: str | None, pub) -> None:
         to_mqtt = self._want_mqtt(r)
@@ -353,34 +362,23 @@ class Publisher:
         self.evidence.save(r.camera, r.frame_id, r.timestamp, files)
 
     def _apply_setting(self, topic: str, payload: bytes, size: int) -> None:
-        parts = topic[len(self.prefix) + 1:].split("/")  # [camera, setting, "set"] or [setting, "set"]
-        camera, setting = (parts[0], parts[1]) if len(parts) == 3 else (None, parts[0])
+        camera, setting = split_topic(self.prefix, topic)
         try:
-            if camera is not None and camera not in self.cameras:
-                raise SettingError(f"unknown camera {camera!r}; cameras: {', '.join(self.cameras)}")
-            if setting not in SETTINGS:
-                raise SettingError(f"unknown setting {setting!r}; settings: {', '.join(SETTINGS)}")
-            if size > MAX_SETTING_BYTES:
-                raise SettingError(f"payload of {size} bytes is too long (at most {MAX_SETTING_BYTES})")
-            value = SETTINGS[setting](payload)
+            camera, setting, value = parse_set(self.prefix, topic, self.cameras, payload, size)
             if self._on_setting is not None:
                 self._on_setting(camera, setting, value)
         except ValueError as err:  # SettingError, or the daemon's own refusal
             self.counters["settings_rejected"] += 1
             log.warning("rejected %s: %s", topic, err)
-            doc = {"v": SCHEMA_VERSION, "topic": topic, "camera": camera, "setting": setting, "error": str(err),
-                   "payload": payload[:64].decode("utf-8", "replace"), "timestamp": iso_utc(time.time())}
+            doc = {"v": SCHEMA_VERSION, "kind": "setting", "topic": topic, "camera": camera, "setting": setting,
+                   "error": str(err), "payload": payload[:64].decode("utf-8", "replace"),
+                   "timestamp": iso_utc(time.time())}
             if self.client.connected:
                 self.client.publish(f"{self.prefix}/error", _dumps(doc), qos=1)
             return
         log.info("setting %s of %s set to %s over MQTT", setting, camera or "all cameras", value)
         for cam in [camera] if camera else self.cameras:
             self._handle(("retained", f"{self.prefix}/{cam}/{setting}/state", _state_text(value).encode()), None)
-
-    def _tracker(self, camera: str) -> AlarmTracker:
-        if camera not in self._trackers:
-            self._trackers[camera] = AlarmTracker(self.node, camera, self.cfg.alarms)
-        return self._trackers[camera]
 
 
 def _dumps(doc: dict) -> bytes:

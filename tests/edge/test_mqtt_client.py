@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,6 +112,7 @@ def test_wrong_credentials_are_refused_with_one_clear_line_and_backoff(tmp_path,
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1, errors                      # one clear line, repeats go to DEBUG
         assert "refused" in errors[0] and "mqtt.username" in errors[0] and "HALOAE_MQTT_PASSWORD" in errors[0]
+        assert re.search(r"reason code 0x8[67]", errors[0]), errors[0]  # the broker's code, not just a word
         # backoff 0.2, 0.4, 0.8, 1.0, ... -> about 4-6 attempts in 3 s, not thousands
         assert 2 <= c.attempts_failed <= 8, c.attempts_failed
         assert cpu < 1.0, f"{cpu:.2f} s of CPU in 3 s: busy loop?"

@@ -48,14 +48,14 @@ def test_every_alarm_raised_during_a_broker_outage_is_delivered(tmp_path, broker
     pub.start()
     assert pub.client.wait_connected(10)
     i = _feed(pub, 1.0)
-    before = pub.counters["alarm_events"]
+    before = pub.alarms.raised
     threads = threading.active_count()
 
     broker.stop()
     cpu0, wall0 = time.process_time(), time.monotonic()
     i = _feed(pub, outage_s, start=i)
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    raised_in_outage = pub.counters["alarm_events"] - before
+    raised_in_outage = pub.alarms.raised - before
     assert raised_in_outage >= outage_s  # ~5 per second at 20 frames/s
     assert not pub.connected and len(pub.outbox) >= raised_in_outage - 1  # waiting on disk
     broker.start()
@@ -63,7 +63,7 @@ def test_every_alarm_raised_during_a_broker_outage_is_delivered(tmp_path, broker
     _feed(pub, 1.5, start=i)
     assert pub.client.wait_connected(10)
     assert pub.sender.flush(10.0), f"{len(pub.outbox)} events still in the outbox"
-    raised = pub.counters["alarm_events"]
+    raised = pub.alarms.raised
     got = sub.wait_for(lambda m: len({(json.loads(p)["id"], json.loads(p)["seq"]) for t, p, _ in m}) >= raised,
                        timeout=15)
     events = _unique_events(sub)
@@ -96,10 +96,10 @@ CHILD = textwrap.dedent("""
     for i, bad in enumerate([1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1]):
         pub.publish_result(make_result("cam0", i, anomalous=bool(bad)))
     deadline = time.monotonic() + 10
-    while pub.counters["alarm_events"] < 5 or len(pub.outbox) < pub.counters["alarm_events"]:
+    while pub.alarms.raised < 5 or len(pub.outbox) < pub.alarms.raised:
         time.sleep(0.05)
         assert time.monotonic() < deadline
-    print(pub.counters["alarm_events"], flush=True)
+    print(pub.alarms.raised, flush=True)
     time.sleep(60)
 """)
 

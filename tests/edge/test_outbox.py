@@ -11,7 +11,8 @@ from mqtt_helpers import Subscriber
 
 from haloae.edge.config import MqttConfig
 from haloae.edge.mqtt_client import MqttClient
-from haloae.edge.outbox import Outbox, OutboxSender
+from haloae.edge.delivery import OutboxSender
+from haloae.edge.outbox import Outbox
 
 TOPIC = "haloae/n1/cam0/alarm"
 
@@ -24,7 +25,8 @@ def _rows(path):
 def _sender(outbox, port, name):
     sender = None
     client = MqttClient(MqttConfig(host="127.0.0.1", port=port, reconnect_min_s=0.2, reconnect_max_s=1.0),
-                        "haloae/n1", name, on_connect=lambda: sender.wake(), on_publish=lambda: sender.wake())
+                        "haloae/n1", name, on_connect=lambda: sender.wake(),
+                        on_publish=lambda mid, rc: sender.on_publish(mid, rc))
     sender = OutboxSender(outbox, client, window=4)
     return client, sender
 
@@ -91,3 +93,34 @@ def test_size_bound_drops_oldest_updates_first(tmp_path, caplog):
     for i in range(11):
         box2.add("start" if i % 2 == 0 else "end", TOPIC, str(i).encode())
     assert [e.payload for e in box2.pending()][0] == b"1" and len(box2) == 10
+
+
+def test_a_schema_1_outbox_is_migrated_and_keeps_its_events(tmp_path):
+    path = tmp_path / "outbox.sqlite"
+    with sqlite3.connect(path) as db:  # the layout written before the schema version was recorded
+        db.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, "
+                   "topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL)")
+        db.execute("INSERT INTO events (kind, topic, payload, created) VALUES ('start', ?, ?, 1.0)", (TOPIC, b"s"))
+    box = Outbox(path)
+    assert [(e.kind, e.payload) for e in box.pending()] == [("start", b"s")]
+    box.dead_letter(box.pending()[0], "refused")
+    assert len(box) == 0 and box.dead == 1
+    box.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("SELECT topic, payload, reason FROM dead_letters").fetchall() == [(TOPIC, b"s", "refused")]
+
+
+def test_delivered_events_that_cannot_be_deleted_are_not_offered_again(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    seqs = [box.add("update", TOPIC, str(i).encode()) for i in range(3)]
+    box._db.execute("PRAGMA query_only = ON")  # every write now fails, as on a full disk
+    box.delete(seqs[:2])
+    assert box.problem and "cannot delete" in box.problem
+    assert [e.seq for e in box.pending()] == seqs[2:] and len(box) == 1
+    new = box.add("end", TOPIC, b"e")  # the disk refuses it: kept in memory, after the others
+    assert new < 0 and [e.seq for e in box.pending()] == [seqs[2], new]
+    box._db.execute("PRAGMA query_only = OFF")
+    box._retry_at = 0.0  # skip the backoff wait (1 s, then 2 s)
+    box.maintain()
+    assert box.problem is None and box.in_memory == 0 and [e.payload for e in box.pending()] == [b"2", b"e"]

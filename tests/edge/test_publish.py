@@ -10,7 +10,8 @@ from conftest import free_port
 from mqtt_helpers import Subscriber, edge_config, make_result
 
 from haloae.edge import regions
-from haloae.edge.publish import Publisher, parse_threshold, SettingError
+from haloae.edge.publish import Publisher
+from haloae.edge.settings import SettingError, parse_threshold
 
 P = "haloae/n1"
 
@@ -90,7 +91,8 @@ def test_settings_are_validated_and_state_is_retained(pub_sub):
     sub.wait_for(lambda m: len([1 for t, _, _ in m if t == f"{P}/error"]) >= 6)
     errors = [json.loads(p) for p in sub.on(f"{P}/error")]
     assert len(errors) == 6 and all(e["v"] == 1 and e["error"] for e in errors)
-    assert "not a number" in errors[0]["error"] and "(0, 10]" in errors[1]["error"] and "(0, 10]" in errors[2]["error"]
+    assert all("plain decimal number in (0, 10]" in e["error"] for e in errors[:3])
+    assert [e["kind"] for e in errors] == ["setting"] * 6 and errors[4]["camera"] == "nocam"
     assert "too long" in errors[3]["error"] and "unknown camera" in errors[4]["error"]
     assert "unknown setting" in errors[5]["error"]
     assert seen == [] and sub.on(f"{P}/cam0/threshold/state") == [b"0.5"]
