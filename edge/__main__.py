@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config import EXIT_CONFIG, ConfigError, load_config
 
@@ -19,9 +20,10 @@ EPILOG = """examples:
   haloae-edge --config configs/edge/one-camera.yaml
   haloae-edge --config configs/edge/one-camera.yaml --validate-config
   haloae-edge --config replay.yaml --exit-when-done --log-level DEBUG
-  systemctl reload haloae-edge   # SIGHUP: re-verify and reload the bundle, MQTT stays connected
+  systemctl reload haloae-edge   # SIGHUP: re-read the config, re-verify and reload the bundle
 
-exit codes: 0 stopped, 1 runtime failure (systemd restarts it), 2 configuration error.
+exit codes: 0 stopped, 1 runtime failure (systemd restarts it), 2 configuration error (also:
+--exit-when-done and nothing could be inspected).
 """
 
 
@@ -75,10 +77,13 @@ def run(argv: list[str] | None = None) -> int:
 
     from .app import EdgeApp
     from .backends import BackendUnavailable
+    from .outbox import OutboxError
 
-    app = EdgeApp(cfg, exit_when_done=args.exit_when_done)
+    app = EdgeApp(cfg, exit_when_done=args.exit_when_done, config_path=Path(args.config))
     try:
         app.prepare()
+    except OutboxError as e:
+        return _fail("state", f"state_dir: {e}")
     except ConfigError as e:
         return _fail("config", e)
     except BundleError as e:

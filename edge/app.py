@@ -5,8 +5,14 @@ sources, state folder, bundle verification, backend) before anything starts, rai
 ``ConfigError`` / ``BundleError`` / ``BackendUnavailable`` (the CLI prints one line, exit 2).
 :meth:`EdgeApp.run` then supervises from the main thread: stats every
 ``publish.stats_interval_s``, stale cameras, the systemd watchdog when no camera can deliver,
-SIGHUP (reload the bundle with a new backend; MQTT stays connected) and SIGTERM/SIGINT (stop
-capture, publish ``stopped``, flush, return within 3 s).
+SIGHUP (re-read the YAML, re-verify and reload the bundle with a new backend; MQTT stays
+connected; on any failure the old model and config keep running and the failure is reported)
+and SIGTERM/SIGINT (stop capture, publish ``stopped``, flush, return within 3 s).
+
+Never a live process with dead inspection: every worker thread is watched. A capture thread
+that dies is restarted in place (the other cameras run on); the inference, publisher, alarm
+sender or frame collector thread dying, a model that only outputs NaN, or a backend that
+keeps failing end :meth:`EdgeApp.run` with exit code 1 (systemd restarts the daemon).
 """
 
 from __future__ import annotations
@@ -17,19 +23,20 @@ import signal
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import cv2
 import zmq
 
-from haloae.export.bundle import BundleError, bundle_hash, verify_bundle
+from haloae.export.bundle import BundleError
 
-from .backends import Backend
-from .backends.select import load_backend
+from .backends import Backend, BackendUnavailable
 from .capture import CaptureWorker, check_source
-from .config import ConfigError, EdgeConfig
+from .config import EXIT_CONFIG, ConfigError, EdgeConfig, load_config
 from .frames import CameraStatus
-from .infer import InferenceWorker, model_id
+from .infer import InferenceWorker
 from .ipc import DEFAULT_ENDPOINT, LatestFrames
+from .reload import config_changes, load_model
 from .stats import Stats
 from .watchdog import Notifier
 
@@ -37,21 +44,18 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
 TICK_S = 0.2
-
-
-def load_model(cfg: EdgeConfig) -> tuple[Backend, dict, str]:
-    """Verify the bundle and build its backend: ``(backend, manifest, model id)``."""
-    manifest = verify_bundle(cfg.model.bundle)
-    backend = load_backend(cfg.model, cfg.model.bundle, manifest, cfg.state_dir / "engines")
-    return backend, manifest, model_id(manifest, bundle_hash(cfg.model.bundle, manifest))
+MAX_CAPTURE_RESTARTS = 5  # a capture thread that keeps dying: give up (exit 1)
 
 
 class EdgeApp:
     """One daemon. ``prepare()`` (may raise user errors), then ``run()`` -> exit code."""
 
     def __init__(self, cfg: EdgeConfig, exit_when_done: bool = False, notifier: Notifier | None = None,
-                 endpoint: str = DEFAULT_ENDPOINT):
+                 endpoint: str = DEFAULT_ENDPOINT, config_path: Path | None = None):
         self.cfg, self.exit_when_done, self.endpoint = cfg, exit_when_done, endpoint
+        self.config_path = config_path  # re-read on SIGHUP (None: reload the bundle only)
+        self._published_counts: dict[str, tuple[int, int]] = {}
+        self._capture_restarts = 0
         self.notifier = notifier or Notifier()
         self._wake = threading.Event()
         self._stop_requested = self._reload_requested = False
@@ -73,7 +77,8 @@ class EdgeApp:
             raise ConfigError(f"state_dir: {self.cfg.state_dir} is not writable by this user; fix its owner "
                               "or use another folder (systemd: StateDirectory=)")
         cv2.setNumThreads(1)  # one core per camera is plenty; inference gets the rest
-        self.backend, self.manifest, self.model_id = load_model(self.cfg)
+        model = load_model(self.cfg)
+        self.backend, self.manifest, self.model_id = model.backend, model.manifest, model.model_id
         from .publish import Publisher  # paho & co. only once we really run
 
         self.publisher = Publisher(self.cfg, self.cfg.state_dir, on_setting=self._on_setting)
@@ -88,14 +93,16 @@ class EdgeApp:
                                          cfg.model.batch_size, on_scored=self._on_scored)
         self.inference.start()
         self.publisher.start()  # settings may arrive from here on: the inference worker exists
-        self.captures = {c.id: CaptureWorker(c, cfg.health, self.ctx, self.endpoint, self._on_status, c.lossless)
-                         for c in cfg.cameras}
+        self.captures = {c.id: self._capture(c) for c in cfg.cameras}
         for w in self.captures.values():
             w.start()
         for cam in cfg.cameras:
             self.publisher.set_state(cam.id, "threshold", self.inference.threshold(cam.id))
         log.info("haloae-edge %s: %d camera(s), %s, model %s", cfg.node, len(cfg.cameras),
                  self.backend.description, self.model_id)
+
+    def _capture(self, cam) -> CaptureWorker:
+        return CaptureWorker(cam, self.cfg.health, self.ctx, self.endpoint, self._on_status, cam.lossless)
 
     # -- callbacks (other threads) -----------------------------------------------------------
     def _on_status(self, status: CameraStatus) -> None:
@@ -111,10 +118,26 @@ class EdgeApp:
         with self._status_lock:
             for cam, queue in self._statuses.items():
                 while queue and (force or queue[0].state in ("starting", "online") or not self.frames.busy(cam)):
-                    status = queue.popleft()
-                    status.dropped = self.frames.dropped(cam)
-                    status.backend, status.model_id = self.backend.description, self.inference.model_id
-                    self.publisher.publish_camera_status(status)
+                    self._publish_status(queue.popleft())
+
+    def _publish_status(self, status: CameraStatus) -> None:
+        status.dropped = self.frames.dropped(status.camera)
+        status.invalid = self.inference.invalid.get(status.camera, 0)
+        status.backend, status.model_id = self.backend.description, self.inference.model_id
+        self._published_counts[status.camera] = (status.errors, status.invalid)
+        self.publisher.publish_camera_status(status)
+
+    def _refresh_counts(self) -> None:
+        """Publish a camera's status again when its unusable / NaN frame counts changed (same state)."""
+        with self._status_lock:
+            for cam, w in self.captures.items():
+                counts = (w.errors, self.inference.invalid.get(cam, 0))
+                if not self._statuses.get(cam) and counts != self._published_counts.get(cam, (0, 0)):
+                    status = w.status()
+                    if counts[1]:
+                        status.detail = (f"{status.detail}; " if status.detail else "") + \
+                            f"{counts[1]} frame(s) with NaN/inf model outputs, not published"
+                    self._publish_status(status)
 
     def _on_scored(self) -> None:
         self.notifier.frame_scored(status=f"inspecting with {self.backend.description}")
@@ -151,8 +174,10 @@ class EdgeApp:
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload()
-                if self.inference.fatal:
-                    log.error("stopping: %s", self.inference.fatal)
+                dead = self._dead_worker()
+                if dead:
+                    log.error("stopping: %s", dead)
+                    self.notifier.status(f"stopping: {dead}")
                     code = EXIT_FATAL
                     break
                 for w in self.captures.values():
@@ -161,16 +186,55 @@ class EdgeApp:
                 self._feed_idle_watchdog(now)
                 if now >= next_stats:
                     next_stats = now + self.cfg.publish.stats_interval_s
+                    self._refresh_counts()
                     self.publish_stats()
                 if self.exit_when_done and self.done():
-                    log.info("all finite sources are done and every frame was scored: exiting")
-                    self._flush_statuses(force=True)
-                    self.publish_stats()
-                    self._drain_publisher(timeout=10.0)
+                    code = self._finish()
                     break
         finally:
             self.stop()
         return code
+
+    def _finish(self) -> int:
+        """``--exit-when-done``: publish the last statuses and stats; non-zero when nothing was inspected."""
+        self._flush_statuses(force=True)
+        self._refresh_counts()
+        self.publish_stats()
+        self._drain_publisher(timeout=10.0)
+        if self.inference.inspected:
+            log.info("all finite sources are done and every frame was scored: exiting (%d frame(s) inspected)",
+                     self.inference.inspected)
+            return EXIT_OK
+        why = "; ".join(f"camera {cam}: {w.frames} frame(s) delivered, {w.errors} unusable"
+                        f"{f' (last: {w.last_error})' if w.last_error else ''}, "
+                        f"{self.inference.invalid.get(cam, 0)} with NaN/inf model outputs"
+                        for cam, w in self.captures.items())
+        log.error("nothing was inspected: %s; check the sources (frame format, size, roi) and the bundle", why)
+        return EXIT_CONFIG
+
+    def _dead_worker(self) -> str | None:
+        """Why inspection cannot go on (a dead thread, a broken model), else None. A dead
+        capture thread is restarted in place instead (up to MAX_CAPTURE_RESTARTS times)."""
+        if self.inference.fatal:
+            return self.inference.fatal
+        if not self.inference.is_alive():
+            return "the inference thread ended unexpectedly"
+        if not self.frames.is_alive():
+            return "the frame collector thread died"
+        for name, alive in self.publisher.threads_alive().items():
+            if not alive:
+                return f"the {name} thread died"
+        for cam, w in list(self.captures.items()):
+            if w.is_alive() or w.state == "ended":
+                continue
+            self._capture_restarts += 1
+            if self._capture_restarts > MAX_CAPTURE_RESTARTS:
+                return f"the capture thread of camera {cam} died {self._capture_restarts} times"
+            log.error("the capture thread of camera %s died (state %s): restarting it (%d of %d)", cam, w.state,
+                      self._capture_restarts, MAX_CAPTURE_RESTARTS)
+            self.captures[cam] = self._capture(w.cam)
+            self.captures[cam].start()
+        return None
 
     def done(self) -> bool:
         """No capture left running, every sent frame received, taken and scored."""
@@ -205,22 +269,45 @@ class EdgeApp:
                              f"{self.backend.description}")
 
     def reload(self) -> bool:
-        """SIGHUP: re-verify the bundle and swap in a new backend; keep the old one on failure."""
-        log.info("reloading the bundle %s", self.cfg.model.bundle)
+        """SIGHUP: re-read the YAML, verify and load the bundle, then swap; on any failure the
+        running model and config stay, and the failure is reported (journal, STATUS=, MQTT)."""
+        old_id = self.inference.model_id
+        log.info("reloading %s and the bundle %s", self.config_path or "(no config file)", self.cfg.model.bundle)
         self.notifier.reloading()
         try:
-            backend, manifest, mid = load_model(self.cfg)
-        except (BundleError, ConfigError, RuntimeError) as e:
-            log.error("reload failed, still running model %s: %s", self.inference.model_id, e)
-            self.notifier.reloaded(f"reload failed: {e}")
-            return False
-        self.backend = backend
-        self.inference.set_backend(backend, manifest, mid)
+            cfg = load_config(self.config_path) if self.config_path else self.cfg
+            live, restart = config_changes(self.cfg, cfg)
+            model = load_model(cfg)
+            self.inference.set_backend(model.backend, model.manifest, model.model_id)
+        except (ConfigError, BundleError, BackendUnavailable, OSError) as e:
+            return self._reload_failed(old_id, str(e))
+        except Exception as e:  # noqa: BLE001 - a bug in loading: keep the running model, show the traceback
+            log.exception("reload failed")
+            return self._reload_failed(old_id, f"{type(e).__name__}: {e}")
+        if restart:
+            log.warning("reload: %s changed in %s; these take effect after a restart (systemctl restart), the "
+                        "running values stay", ", ".join(restart), self.config_path)
+        if live:
+            log.info("reload: applying %s", ", ".join(live))
+        self.cfg.model = cfg.model
+        self.inference.batch_size = cfg.model.batch_size
+        if [c.id for c in cfg.cameras] == [c.id for c in self.cfg.cameras]:
+            for old, new in zip(self.cfg.cameras, cfg.cameras):
+                old.threshold = new.threshold
+            self.inference.set_camera_thresholds({c.id: c.threshold for c in cfg.cameras})
+        self.backend = model.backend
         for cam in self.cfg.cameras:
             self.publisher.set_state(cam.id, "threshold", self.inference.threshold(cam.id))
-        log.info("reloaded: model %s on %s", mid, backend.description)
-        self.notifier.reloaded(f"model {mid} on {backend.description}")
+        log.info("reloaded: model %s on %s", model.model_id, model.backend.description)
+        self.notifier.reloaded(f"model {model.model_id} on {model.backend.description}")
         return True
+
+    def _reload_failed(self, model_id: str, why: str) -> bool:
+        text = f"reload failed, still running model {model_id}: {' '.join(why.split())}"
+        log.error("%s", text)
+        self.notifier.reloaded(text)
+        self.publisher.publish_error("reload", text)
+        return False
 
     def stop(self) -> None:
         """Stop within ~3 s: capture, inference, then publish ``stopped`` and flush."""

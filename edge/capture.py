@@ -95,8 +95,17 @@ def check_source(cam: CameraConfig, index: int) -> None:
     if kind == "file" and not Path(cam.source).is_file():
         raise ConfigError(f"{where}: no video file {cam.source}; check the path (relative paths "
                           "are relative to the config file)")
+    if kind == "file":
+        cap = cv2.VideoCapture(cam.source, cv2.CAP_ANY)
+        opened = cap.isOpened() and cap.grab()
+        cap.release()
+        if not opened:
+            raise ConfigError(f"{where}: OpenCV cannot read a frame from {cam.source} (not a video, or a codec "
+                              "this OpenCV lacks); convert it (e.g. ffmpeg -i IN -c:v mjpeg OUT.avi) or fix the path")
     if kind == "folder" and not Path(cam.source).is_dir():
         raise ConfigError(f"{where}: no image folder {cam.source}; check the path")
+    if kind == "folder" and not FolderSource(cam.source).listing():
+        raise ConfigError(f"{where}: the folder {cam.source} holds no images ({', '.join(IMAGE_EXTS)})")
     if kind == "synthetic" and cam.source != "synthetic":
         raise ConfigError(f"{where}: kind synthetic needs source: synthetic")
 
@@ -172,11 +181,14 @@ class FolderSource(_Source):
         self.files: list[Path] = []
         self.pos = 0
 
+    def listing(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir()
+                      if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file())
+
     def _list(self) -> list[Path]:
         if not self.folder.is_dir():
             raise SourceLost(f"image folder {self.folder} is missing")
-        return sorted(p for p in self.folder.iterdir()
-                      if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+        return self.listing()
 
     def open(self) -> None:
         self.files, self.pos = self._list(), 0
@@ -258,6 +270,7 @@ class CaptureWorker(threading.Thread):
         self.kind = source_kind(cam)
         self.frames = 0  # frames sent to inference
         self.errors = 0  # bad frames skipped
+        self.last_error = ""  # why the last bad frame was skipped
         self.next_id = 0  # id of the next frame read (bad frames use up ids too)
         self.state, self.detail = "starting", ""
         self.last_frame = time.monotonic()  # monotonic time of the last good frame
@@ -304,7 +317,12 @@ class CaptureWorker(threading.Thread):
                     source.open()
                     self._stream(source, sender)
                 except SourceEnded as e:
-                    self._set_state("ended", str(e))
+                    if self.frames == 0:
+                        log.error("camera %s: %s without one usable frame (%d unusable%s); nothing of it was "
+                                  "inspected", self.cam.id, e, self.errors,
+                                  f", last: {self.last_error}" if self.last_error else "")
+                    self._set_state("ended", str(e) if self.frames else f"{e}; no usable frame "
+                                    f"({self.errors} unusable{', last: ' + self.last_error if self.last_error else ''})")
                     return
                 except SourceLost as e:
                     self._set_state("offline", f"{e}; retrying in {delay:g} s")
@@ -340,8 +358,13 @@ class CaptureWorker(threading.Thread):
                 self.next_id = max(self.next_id, frame_id + 1)
                 with self._lock:
                     self.errors += 1
+                    self.last_error = str(e)
                 bad += 1
-                log.debug("camera %s: frame %d skipped: %s", self.cam.id, frame_id, e)
+                if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
+                    log.warning("camera %s: frame %d skipped: %s (%d unusable frame(s) so far; counted in "
+                                "status.errors)", self.cam.id, frame_id, e, self.errors)
+                else:
+                    log.debug("camera %s: frame %d skipped: %s", self.cam.id, frame_id, e)
                 if bad >= MAX_BAD_IN_A_ROW:
                     raise SourceLost(f"{bad} bad frames in a row (last: {e})") from None
                 continue

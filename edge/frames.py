@@ -53,6 +53,7 @@ class CameraStatus:
     frames: int = 0  # frames delivered to inference since start
     dropped: int = 0  # frames replaced by a newer one before inference took them
     errors: int = 0  # garbage / wrong-size / unreadable frames skipped
+    invalid: int = 0  # frames the model gave NaN / inf outputs for (not published)
     since: float = field(default_factory=time.time)  # wall-clock time of the last state change
     backend: str = ""  # inference backend scoring this camera's frames ("onnxruntime (CPU)", ...)
     model_id: str = ""  # bundle model id, as in FrameResult.model_id

@@ -9,7 +9,15 @@ static batch size, runs the backend and hands one :class:`FrameResult` per frame
 is the runtime setting (MQTT ``threshold/set``), else the camera's ``threshold``, else the
 bundle's (0.5 in normalised units). The defect mask is ``anomaly_map >= pixel threshold``.
 
-The backend can be swapped while running (SIGHUP reload): the swap happens between batches.
+A frame whose score or map is not finite (NaN / inf from a broken model or GPU) is not an
+inspection: it is never published (least of all as ``ok``), it is counted per camera
+(``invalid``, on status and stats) and logged; :data:`MAX_INVALID_IN_A_ROW` of them in a row
+stop the daemon (exit 1), as a backend that keeps failing does.
+
+The backend can be swapped while running (SIGHUP reload): everything that can fail (bundle
+thresholds, the backend) is checked by the caller before :meth:`InferenceWorker.set_backend`;
+the swap itself, between batches, only assigns. Any exception outside the per-batch handling
+ends the thread with ``fatal`` set: the app then exits non-zero, never runs on without it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from haloae.export.bundle import BundleError
+from haloae.validate import check_threshold
+
 from .backends import Backend
 from .config import CameraConfig
 from .frames import FrameResult
@@ -31,6 +42,7 @@ from .stats import Stats
 log = logging.getLogger(__name__)
 
 MAX_FAILURES_IN_A_ROW = 10  # the backend keeps failing: give up, systemd restarts the daemon
+MAX_INVALID_IN_A_ROW = 50  # frames with NaN / inf outputs in a row: the model is broken, give up
 
 
 def preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -41,10 +53,25 @@ def preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # 3, H, W
 
 
+def bundle_thresholds(manifest: dict) -> tuple[float, float]:
+    """``(image, pixel)`` thresholds of a manifest (normalised; 0.5 when absent); BundleError if
+    one is not a finite number in (0, 10] (``load_manifest`` refuses those already)."""
+    thr = manifest.get("threshold") if isinstance(manifest.get("threshold"), dict) else {}
+    try:
+        return (check_threshold(thr.get("image", 0.5), "threshold.image"),
+                check_threshold(thr.get("pixel", 0.5), "threshold.pixel"))
+    except ValueError as exc:
+        raise BundleError(f"manifest: {exc}") from None
+
+
 def model_id(manifest: dict, bundle_hash: str) -> str:
     """Id of the running model: the manifest's ``model.id``, else ``<model.name>-<bundle hash>``."""
     model = manifest.get("model", {})
     return str(model.get("id") or f"{model.get('name', 'haloae')}-{bundle_hash[:12]}")
+
+
+class _Broken(RuntimeError):
+    """The model cannot inspect at all (not one failure: a lasting state): stop the daemon."""
 
 
 class InferenceWorker(threading.Thread):
@@ -62,17 +89,27 @@ class InferenceWorker(threading.Thread):
         self._stop_evt = threading.Event()
         self.fatal: str | None = None
         self.processed = 0  # frames scored or failed
+        self.inspected = 0  # frames with a finite score, handed to the sink
+        self.invalid: dict[str, int] = {c.id: 0 for c in cameras}  # frames with NaN / inf outputs
+        self._invalid_run = 0
         self.heartbeat = time.monotonic()  # last time the loop turned (watchdog when idle)
         self._pending: tuple | None = None
-        self._apply(backend, manifest, model_id)
+        self._apply(backend, manifest, model_id, *bundle_thresholds(manifest))
 
     # -- settings ---------------------------------------------------------------------------
     def set_backend(self, backend: Backend, manifest: dict, model_id: str) -> None:
-        """Use ``backend`` from the next batch on; the worker closes the previous one."""
+        """Use ``backend`` from the next batch on; the worker closes the previous one. Raises
+        ``BundleError`` here, in the caller's thread, for bad manifest thresholds."""
+        thresholds = bundle_thresholds(manifest)
         with self._lock:
-            self._pending = (backend, manifest, model_id)
+            self._pending = (backend, manifest, model_id, *thresholds)
 
-    def _apply(self, backend: Backend, manifest: dict, model_id: str) -> None:
+    def set_camera_thresholds(self, thresholds: dict[str, float | None]) -> None:
+        """New per-camera config thresholds (SIGHUP with an edited YAML)."""
+        with self._lock:
+            self._cam_threshold.update(thresholds)
+
+    def _apply(self, backend: Backend, manifest: dict, model_id: str, image: float, pixel: float) -> None:
         n = backend.input_shape[0]
         if self.batch_size > n:
             log.warning("model.batch_size %d > the bundle's batch %d: batching %d frames", self.batch_size, n, n)
@@ -82,8 +119,7 @@ class InferenceWorker(threading.Thread):
                         self.batch_size)
         with self._lock:
             self.backend, self.manifest, self.model_id = backend, manifest, model_id
-            self.bundle_threshold = float(manifest["threshold"].get("image", 0.5))
-            self.pixel_threshold = float(manifest["threshold"].get("pixel", 0.5))
+            self.bundle_threshold, self.pixel_threshold = image, pixel
 
     def set_threshold(self, camera: str | None, value: float | None) -> None:
         """Runtime image threshold of one camera (``None`` camera: all); ``None`` value resets."""
@@ -118,6 +154,13 @@ class InferenceWorker(threading.Thread):
 
     # -- loop -------------------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a bug: never a live daemon with dead inspection
+            log.exception("the inference thread crashed")
+            self.fatal = f"the inference thread crashed: {type(exc).__name__}: {exc}"
+
+    def _loop(self) -> None:
         failures = 0
         while not self._stop_evt.is_set():
             self.heartbeat = time.monotonic()
@@ -133,6 +176,9 @@ class InferenceWorker(threading.Thread):
             try:
                 self._score(backend, frames)
                 failures = 0
+            except _Broken as exc:
+                self.fatal = str(exc)
+                return
             except Exception as exc:  # noqa: BLE001 - count, log, retry; give up after a long run
                 failures += 1
                 self.stats.record_error()
@@ -155,12 +201,21 @@ class InferenceWorker(threading.Thread):
         t0 = time.perf_counter()
         scores, maps = backend.run(batch)
         infer_ms = (time.perf_counter() - t0) * 1000.0
+        if np.shape(scores) != (n,) or np.shape(maps) != (n, 1, h, w):
+            raise RuntimeError(f"the {backend.name} backend returned score {list(np.shape(scores))} and map "
+                               f"{list(np.shape(maps))}, the bundle says [{n}] and [{n}, 1, {h}, {w}]")
         self.stats.record_batch(len(frames), infer_ms)
         with self._lock:
             mid, pix = self.model_id, self.pixel_threshold
+        valid = 0
         for i, f in enumerate(frames):
             thr = self.threshold(f.camera)
             score = float(scores[i])
+            if not (np.isfinite(score) and np.isfinite(maps[i]).all()):
+                self._count_invalid(f, score, mid)
+                continue
+            valid += 1
+            self._invalid_run = 0
             latency = {"capture": round(f.capture_ms, 2),
                        "queue": round(max(picked - f.sent_mono, 0.0) * 1000.0, 2),
                        "inference": round(infer_ms, 2),
@@ -169,9 +224,24 @@ class InferenceWorker(threading.Thread):
                                  threshold=thr, pixel_threshold=pix, anomalous=bool(score >= thr),
                                  anomaly_map=maps[i, 0], frame=f.image, latency_ms=latency, model_id=mid)
             self.stats.record(f.camera, latency, result.anomalous)
+            self.inspected += 1
             try:
                 self.sink(result)
             except Exception:  # noqa: BLE001 - a publishing bug must not stop inspection
                 log.exception("publishing the result of %s frame %d failed", f.camera, f.frame_id)
-        if self.on_scored is not None:
+        if valid and self.on_scored is not None:
             self.on_scored()
+
+    def _count_invalid(self, f: Frame, score: float, mid: str) -> None:
+        """A frame the model gave a NaN / inf output for: counted and logged, never published."""
+        self.invalid[f.camera] = self.invalid.get(f.camera, 0) + 1
+        self.stats.record_invalid(f.camera)
+        self._invalid_run += 1
+        n = sum(self.invalid.values())
+        if n in (1, 10, 100) or n % 1000 == 0:
+            log.error("model %s output NaN/inf for %s frame %d (score %s): not published; %d such frame(s) so far "
+                      "(check the bundle with haloae-export --verify; a GPU fault?)", mid, f.camera, f.frame_id,
+                      score, n)
+        if self._invalid_run >= MAX_INVALID_IN_A_ROW:
+            raise _Broken(f"model {mid} output NaN/inf for {self._invalid_run} frames in a row: inspection is not "
+                          "possible; re-export the bundle (haloae-export) or check the GPU")

@@ -128,6 +128,9 @@ class LatestFrames:
         self._thread.start()
         return self
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"!")

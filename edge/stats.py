@@ -30,6 +30,7 @@ class _CameraStats:
     def __init__(self, window: int):
         self.inspected = 0
         self.anomalous = 0
+        self.invalid = 0  # frames with NaN / inf model outputs (not inspected)
         self.times: deque[float] = deque(maxlen=4096)  # monotonic times of scored frames
         self.latency = {k: deque(maxlen=window) for k in LATENCY_KEYS}
 
@@ -45,6 +46,7 @@ class Stats:
         self.batches = 0
         self.batch_frames = 0
         self.inference_errors = 0
+        self.invalid = 0
         self._infer_ms: deque[float] = deque(maxlen=window)
 
     def record(self, camera: str, latency_ms: dict, anomalous: bool) -> None:
@@ -63,6 +65,12 @@ class Stats:
             self.batches += 1
             self.batch_frames += n_frames
             self._infer_ms.append(inference_ms)
+
+    def record_invalid(self, camera: str) -> None:
+        """One frame of ``camera`` whose model outputs were NaN / inf (not published)."""
+        with self._lock:
+            self._cams[camera].invalid += 1
+            self.invalid += 1
 
     def record_error(self) -> None:
         with self._lock:
@@ -90,14 +98,14 @@ class Stats:
             fps = self.fps(cam, now)
             with self._lock:
                 c = self._cams[cam]
-                entry = {"fps": fps, "inspected": c.inspected, "anomalous": c.anomalous,
+                entry = {"fps": fps, "inspected": c.inspected, "anomalous": c.anomalous, "invalid": c.invalid,
                          "latency_ms": {k: percentiles(list(v)) for k, v in c.latency.items()}}
             entry.update((capture or {}).get(cam, {}))
             cams[cam] = entry
         with self._lock:
             out = {"uptime_s": round(now - self.started, 1), "cameras": cams,
                    "inference": {"batches": self.batches, "frames": self.batch_frames,
-                                 "errors": self.inference_errors,
+                                 "errors": self.inference_errors, "invalid": self.invalid,
                                  "mean_batch": round(self.batch_frames / self.batches, 2) if self.batches else 0.0,
                                  "latency_ms": percentiles(list(self._infer_ms))}}
         out.update(extra or {})

@@ -54,13 +54,27 @@ class OnnxRuntimeBackend(Backend):
         self.input_name = manifest["input"]["name"]
         self.output_names = [manifest["outputs"]["score"]["name"], manifest["outputs"]["anomaly_map"]["name"]]
         self.input_shape = tuple(manifest["input"]["shape"])
-        graph_in = {i.name: i.shape for i in self.session.get_inputs()}
-        if self.input_name not in graph_in or list(graph_in[self.input_name]) != list(self.input_shape):
-            raise BackendUnavailable(f"{path}: graph inputs {graph_in} do not match the manifest's "
-                                     f"{self.input_name} {list(self.input_shape)}; re-export the bundle")
+        self._check_graph(path, manifest)
         self.path = path
         log.info("onnxruntime %s: %s on %s (threads %s)", ort.__version__, path.name, self.device,
                  threads or "default")
+
+    def _check_graph(self, path: Path, manifest: dict) -> None:
+        """The graph's input and outputs are what the manifest says (names, shapes, float32):
+        a bundle whose manifest and model do not belong together is a bundle error."""
+        graph = {i.name: ("input", list(i.shape), i.type) for i in self.session.get_inputs()}
+        graph.update({o.name: ("output", list(o.shape), o.type) for o in self.session.get_outputs()})
+        want = [("input", self.input_name, list(self.input_shape))]
+        want += [("output", manifest["outputs"][k]["name"], list(manifest["outputs"][k]["shape"]))
+                 for k in ("score", "anomaly_map")]
+        for kind, name, shape in want:
+            got = graph.get(name)
+            if got is None or got[0] != kind:
+                raise bundle_mod.BundleError(f"{path} has no graph {kind} named {name!r} (the manifest says so; the "
+                                             f"graph has {sorted(graph)}): re-export the bundle")
+            if got[1] != shape or got[2] != "tensor(float)":
+                raise bundle_mod.BundleError(f"{path}: graph {kind} {name!r} is {got[2]} {got[1]}, the manifest "
+                                             f"says tensor(float) {shape}: re-export the bundle")
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         score, amap = self.session.run(self.output_names, {self.input_name: self.check_batch(batch)})

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from haloae.export.bundle import BundleError
+
 from ..config import ModelConfig
 from . import Backend, BackendUnavailable
 
@@ -40,6 +42,8 @@ def load_backend(model: ModelConfig, bundle_dir: Path, manifest: dict, engine_di
     for name in names:
         try:
             backend = build_backend(name, model, bundle_dir, manifest, engine_dir)
+        except BundleError:  # the bundle itself is wrong: no other backend can fix that
+            raise
         except BackendUnavailable as exc:
             skipped.append(f"{name}: {exc}")
             log.info("backend %s skipped: %s", name, exc)
