@@ -231,29 +231,41 @@ class Outbox:
         """Apply the pending deletes / dead-letter moves to the disk; on failure keep them for later."""
         if self._db is None or not (self._acked or self._dead_rows):
             return
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+
+        def work(db: sqlite3.Connection) -> int:
             now = time.time()
             for seq, reason in self._dead_rows.items():
-                self._db.execute("INSERT OR REPLACE INTO dead_letters (seq, kind, topic, payload, created, failed, "
-                                 "reason) SELECT seq, kind, topic, payload, created, ?, ? FROM events WHERE seq = ?",
-                                 (now, reason, seq))
+                db.execute("INSERT OR REPLACE INTO dead_letters (seq, kind, topic, payload, created, failed, reason) "
+                           "SELECT seq, kind, topic, payload, created, ?, ? FROM events WHERE seq = ?",
+                           (now, reason, seq))
             gone = list(self._acked | set(self._dead_rows))
-            n = self._db.execute(f"DELETE FROM events WHERE seq IN ({','.join('?' * len(gone))})", gone).rowcount
+            n = db.execute(f"DELETE FROM events WHERE seq IN ({','.join('?' * len(gone))})", gone).rowcount
             if self._dead_rows:
-                self._db.execute("DELETE FROM dead_letters WHERE seq NOT IN (SELECT seq FROM dead_letters "
-                                 "ORDER BY seq DESC LIMIT ?)", (DEAD_MAX,))
+                db.execute("DELETE FROM dead_letters WHERE seq NOT IN (SELECT seq FROM dead_letters "
+                           "ORDER BY seq DESC LIMIT ?)", (DEAD_MAX,))
+            return n
+
+        n = self._transaction("delete", work)
+        if n is None:
+            return
+        self._count -= n
+        self._acked.clear()
+        self._dead_rows.clear()
+
+    def _transaction(self, action: str, work: Callable[[sqlite3.Connection], int]) -> int | None:
+        """``work(db)`` in one transaction; on a disk error: roll back, report, None."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            result = work(self._db)
             self._db.execute("COMMIT")
+            return result
         except sqlite3.Error as err:
             try:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            self._trouble("delete", err)
-            return
-        self._count -= n
-        self._acked.clear()
-        self._dead_rows.clear()
+            self._trouble(action, err)
+            return None
 
     # -- disk trouble ---------------------------------------------------------------------------
     def _trouble(self, action: str, err: Exception) -> None:
@@ -286,18 +298,15 @@ class Outbox:
                 return
             busy = set(inflight)
             move = [e for e in self._memory if e.seq not in busy]
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
+
+            def work(db: sqlite3.Connection) -> int:
                 for e in move:
-                    self._db.execute("INSERT INTO events (kind, topic, payload, created) VALUES (?, ?, ?, ?)",
-                                     (e.kind, e.topic, e.payload, e.created))
-                self._db.execute("COMMIT")
-            except sqlite3.Error as err:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                return self._trouble("write", err)
+                    db.execute("INSERT INTO events (kind, topic, payload, created) VALUES (?, ?, ?, ?)",
+                               (e.kind, e.topic, e.payload, e.created))
+                return len(move)
+
+            if self._transaction("write", work) is None:
+                return
             self._count += len(move)
             moved = {e.seq for e in move}
             self._memory = deque(e for e in self._memory if e.seq not in moved)
