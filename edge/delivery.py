@@ -172,7 +172,7 @@ class OutboxSender:
         done = []
         now = time.monotonic()
         for seq, f in list(self._inflight.items()):
-            if not f.info.is_published():
+            if not self.client.acknowledged(f.info):
                 continue
             del self._inflight[seq]
             with self._refusal_lock:
@@ -201,7 +201,7 @@ class OutboxSender:
             return
         # everything not acknowledged: paho resends all of it first at every reconnect, whichever
         # connection it was first written to
-        blamed = {seq: f for seq, f in self._inflight.items() if not f.info.is_published()}
+        blamed = {seq: f for seq, f in self._inflight.items() if not self.client.acknowledged(f.info)}
         if not blamed:
             return
         solo = len(blamed) == 1

@@ -130,6 +130,14 @@ class MqttClient:
                     self._topics.pop(mid, None)
         return info
 
+    @staticmethod
+    def acknowledged(info) -> bool:
+        """Whether the broker acknowledged this QoS 1 message. Unlike paho's ``is_published``, it
+        does not raise for a message queued while disconnected (``rc`` NO_CONN): paho keeps and
+        sends such a message at the reconnect and marks it published at its PUBACK."""
+        with info._condition:
+            return bool(info._published)
+
     def forget(self, info) -> None:
         """Take a QoS 1 message back from paho's session so that it is not resent at reconnect
         (the alarm sender does this for events the broker drops the connection over). Uses
@@ -218,7 +226,9 @@ class MqttClient:
             code = code_of(reason_code)
             from_server = bool(getattr(flags, "is_disconnect_packet_from_server", False))
             self.last_drop = Drop(self.connects, code, str(reason_code), from_server, time.monotonic())
-            taken = self._takeover.lost(code)
+            # a takeover is a closed socket (0x80) or "Session taken over" (0x8E); a broker that
+            # drops us over a packet (0x81, 0x82, 0x95 ...) is the alarm sender's business
+            taken = self._takeover.lost(code) if code in (0x80, 0x8E) else False
             self._fast_backoff()
             said = f"the broker said {reason_code} (0x{code:02X})" if from_server else f"{reason_code}"
             log.warning("MQTT: disconnected from %s:%d (%s); reconnecting, alarm events wait in the outbox",

@@ -138,3 +138,19 @@ def test_unreachable_broker_is_logged_once_and_retried(caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "unreachable" in errors[0] and "ConnectionRefusedError" in errors[0], errors
     assert c.attempts_failed >= 2
+
+
+def test_a_message_queued_while_disconnected_is_acknowledged_after_the_connect(broker):
+    """paho's is_published() raises for such a message (rc NO_CONN) although paho sends it at
+    the connect; the alarm sender must see its PUBACK, not an exception (it used to loop)."""
+    c = MqttClient(_cfg(broker.port), "haloae/n1", "t-queued")
+    info = c.publish("haloae/n1/cam0/alarm", b"{}", qos=1)  # not connected yet
+    assert info.rc != 0 and MqttClient.acknowledged(info) is False
+    with pytest.raises(RuntimeError):
+        info.is_published()
+    c.start()
+    deadline = time.monotonic() + 10
+    while not MqttClient.acknowledged(info) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert MqttClient.acknowledged(info)
+    c.stop()
