@@ -20,14 +20,16 @@ from pathlib import Path
 def build(args):
     from haloae.train.checkpoint import load_checkpoint
     from haloae.train.config import load_model_config
+    from haloae.train.fit_stats import fit_for_timing
     from haloae.train.inference import HaloAEInference
     from haloae.train.torch_model import create_model
 
     if args.checkpoint:
-        model, ckpt = load_checkpoint(args.checkpoint)
-        return HaloAEInference(model, ckpt["calibration"])
+        model, _ = load_checkpoint(args.checkpoint)
+        return HaloAEInference(model)
     model = create_model(load_model_config(args.config))
-    return HaloAEInference(model, {"image_threshold": 1.0, "pixel_threshold": 1.0})
+    fit_for_timing(model)  # untrained: statistics from random images, for timing only
+    return HaloAEInference(model)
 
 
 def timed(module, x, fp16: bool, iters: int) -> tuple[float, tuple]:
@@ -64,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda")
     module = build(args).to(device).eval()
-    size = module.cfg.input_size
+    hw = module.cfg.hw
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "input": size, "date": time.strftime("%Y-%m-%d"), "runs": [], "numerics": {}}
+              "input": list(hw), "date": time.strftime("%Y-%m-%d"), "runs": [], "numerics": {}}
     print(f"GPU: {result['gpu']} (torch {torch.__version__}, CUDA {torch.version.cuda})")
     gen = torch.Generator(device="cpu").manual_seed(0)
     for batch in (1, 8):
-        x = torch.rand(batch, 3, size, size, generator=gen).to(device)
+        x = torch.rand(batch, 3, *hw, generator=gen).to(device)
         outs = {}
         for fp16 in (False, True):
             ms, out = timed(module, x, fp16, args.iters)

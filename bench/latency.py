@@ -1,9 +1,12 @@
-"""Model latency per frame: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime fp16.
+"""Model latency per frame: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime fp16, and PaDiM.
 
-For a trained checkpoint (or a model config with untrained Block C: latency does not depend on
-the weights) it exports bundles at batch 1 and at ``--batch``, then times each runtime after a
-warm-up: median and p99 ms per *frame*, the model's FLOPs, the achieved GFLOP/s, and the
-machine's measured fp32 matmul GFLOP/s for scale. Writes JSON.
+For a trained checkpoint (or a model config with untrained weights and statistics fitted on
+random images: latency does not depend on the values) it exports bundles at batch 1 and at
+``--batch``, then times each runtime after a warm-up: median and p99 ms per *frame*, the
+model's FLOPs, the achieved GFLOP/s, and the machine's measured fp32 matmul GFLOP/s for scale.
+In the same run it times the PaDiM peer (bench/peers.py: the same backbone in PyTorch eager,
+100 channels, per-position Mahalanobis), the way the accuracy benchmark runs it, and writes
+HaloAE ONNX Runtime fp32 / PaDiM as a ratio. Writes JSON.
 
     python bench/latency.py --checkpoint runs/mtd-edge/final.pt --threads 2 --out bench/results/latency.json
     python bench/latency.py --config edge --threads 2          # untrained weights, same graph
@@ -52,12 +55,12 @@ def matmul_gflops(threads: int, n: int = 1024, iters: int = 20) -> float:
     return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e9
 
 
-def model_flops(module, size: int) -> float:
+def model_flops(module, hw: tuple[int, int]) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(torch.rand(1, 3, size, size))
+        module(torch.rand(1, 3, *hw))
     return float(counter.get_total_flops())
 
 
@@ -67,14 +70,40 @@ def load_module(args):
     from haloae.train.inference import HaloAEInference
     from haloae.train.torch_model import create_model
 
+    from haloae.train.fit_stats import fit_for_timing
+
     if args.checkpoint:
-        model, ckpt = load_checkpoint(args.checkpoint)
-        return HaloAEInference(model, ckpt["calibration"]), Path(args.checkpoint)
+        model, _ = load_checkpoint(args.checkpoint)
+        return HaloAEInference(model), Path(args.checkpoint)
     model = create_model(load_model_config(args.config)).eval()
-    calib = {"image_threshold": 1.0, "pixel_threshold": 1.0}
+    calib = fit_for_timing(model)
     tmp = Path(tempfile.mkdtemp()) / "untrained.pt"
-    save_checkpoint(tmp, model, calib, {"note": "untrained Block C, for latency only"})
-    return HaloAEInference(model, calib), tmp
+    save_checkpoint(tmp, model, calib, {"note": "untrained, for latency only"})
+    return HaloAEInference(model), tmp
+
+
+def padim_fn(ckpt: str, batch: int):
+    """PaDiM as bench/accuracy.py runs it: Block A's trunk (PyTorch) + per-position Gaussian."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import Padim
+
+    from haloae.train.anomaly_map import smooth, upsample
+    from haloae.train.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt)
+    bb, cfg = model.backbone, model.cfg
+    with torch.inference_mode():
+        feats = bb.multiscale(torch.rand(8, 3, *cfg.hw))
+    padim = Padim(dims=100).fit(feats.repeat(16, 1, 1, 1) + torch.randn(128, *feats.shape[1:]))
+
+    def fn(a):
+        with torch.inference_mode():
+            grid = padim.predict(bb.multiscale(torch.from_numpy(a)))
+            amap = upsample(smooth(grid, cfg.map, cfg.hw), cfg.hw)
+            return amap.flatten(1).max(dim=1).values, amap
+    return fn
 
 
 def ort_fn(path: Path, threads: int):
@@ -86,18 +115,23 @@ def ort_fn(path: Path, threads: int):
 
 
 def time_runtime(name: str, ckpt: str, bundle: str, batch: int, threads: int, warmup: int, iters: int,
-                 size: int) -> dict:
+                 hw: tuple[int, int]) -> dict:
     """Time one runtime (runs in its own process)."""
-    x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
-    if name == "torch-eager":
+    x = np.random.default_rng(0).random((batch, 3, *hw), dtype=np.float32)
+    if name == "padim-torch-eager":
+        import torch
+
+        torch.set_num_threads(threads)
+        fn = padim_fn(ckpt, batch)
+    elif name == "torch-eager":
         import torch
 
         from haloae.train.checkpoint import load_checkpoint
         from haloae.train.inference import HaloAEInference
 
         torch.set_num_threads(threads)
-        model, ck = load_checkpoint(ckpt)
-        module = HaloAEInference(model, ck["calibration"]).eval()
+        model, _ = load_checkpoint(ckpt)
+        module = HaloAEInference(model).eval()
 
         def fn(a):
             with torch.inference_mode():
@@ -126,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     module, ckpt_path = load_module(args)
     module.eval()
-    size = module.cfg.input_size
-    flops = model_flops(module, size)
+    hw = module.cfg.hw
+    flops = model_flops(module, hw)
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "threads": args.threads, "torch": torch.__version__,
                            "matmul_gflops": round(matmul_gflops(args.threads), 1)},
-               "model": {"input": size, "gflops_per_frame": round(flops / 1e9, 3),
+               "model": {"input": list(hw), "gflops_per_frame": round(flops / 1e9, 3),
                          "checkpoint": str(ckpt_path)},
                "date": time.strftime("%Y-%m-%d"), "runs": []}
     print(f"model: {flops / 1e9:.2f} GFLOP/frame; machine matmul {results['machine']['matmul_gflops']} GFLOP/s "
@@ -141,17 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     for batch in sorted({1, args.batch}):
         bundle = work / f"b{batch}"
         export_bundle(ckpt_path, bundle, fp16=True, batch=batch, samples=batch, threads=args.threads)
-        for name in ("torch-eager", "onnxruntime-fp32", "onnxruntime-fp16"):
+        for name in ("torch-eager", "onnxruntime-fp32", "onnxruntime-fp16", "padim-torch-eager"):
             # each runtime in a fresh process: torch's OpenMP threads keep spinning after a
             # forward and slowed ONNX Runtime in the same process by ~1.8x on 2 cores
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                 r = pool.submit(time_runtime, name, str(ckpt_path), str(bundle), batch, args.threads,
-                                args.warmup, args.iters, size).result()
+                                args.warmup, args.iters, hw).result()
             r["runtime"] = name
-            r["gflops_achieved"] = round(flops / 1e9 * r["fps"], 2)
+            r["gflops_achieved"] = None if name.startswith("padim") else round(flops / 1e9 * r["fps"], 2)
             results["runs"].append(r)
             print(f"{name:18s} batch {batch}: median {r['median_ms']:.2f} ms/frame, p99 {r['p99_ms']:.2f}, "
                   f"{r['gflops_achieved']} GFLOP/s", flush=True)
+    for batch in sorted({1, args.batch}):
+        ms = {r["runtime"]: r["median_ms"] for r in results["runs"] if r["batch"] == batch}
+        ratio = ms["onnxruntime-fp32"] / ms["padim-torch-eager"]
+        results[f"haloae_ort_fp32_over_padim_batch{batch}"] = round(ratio, 3)
+        print(f"batch {batch}: HaloAE ONNX Runtime fp32 / PaDiM = {ratio:.3f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -96,10 +96,13 @@ def _model_section(cfg, ckpt: dict[str, Any], model_sha: str, ckpt_path: Path) -
     }
 
 
-def _threshold_section(calibration: dict[str, Any]) -> dict[str, Any]:
-    keys = ("method", "quantile", "pixel_quantile", "normal_scores")
-    return {"raw_image": float(calibration["image_threshold"]),
-            "raw_pixel": float(calibration["pixel_threshold"]),
+def _threshold_section(calibration: dict[str, Any], model) -> dict[str, Any]:
+    """The manifest's threshold block: raw values from the model's calibration buffers (what
+    the graph divides by), how they were set from the checkpoint's calibration record."""
+    keys = ("method", "quantile", "pixel_quantile", "promised_false_positive_rate",
+            "threshold_images", "images_needed", "reliable", "normal_scores")
+    raw = model.calibration.thresholds()
+    return {"raw_image": raw["image_threshold"], "raw_pixel": raw["pixel_threshold"],
             **{k: calibration[k] for k in keys if k in calibration}}
 
 
@@ -130,19 +133,19 @@ def export_bundle(checkpoint: Path, out: Path, fp16: bool = False, batch: int = 
     if not ckpt.get("calibration"):
         raise ExportError(f"{checkpoint} has no calibration: export the final.pt of a finished "
                           "haloae-train run")
-    module = HaloAEInference(model, ckpt["calibration"])
-    size = model.cfg.input_size
+    module = HaloAEInference(model, source=str(checkpoint))
+    h, w = model.cfg.hw
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     work.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the bundle is for other users too
     try:
-        say(f"[2/5] exporting ONNX (opset {opset}, input [{batch}, 3, {size}, {size}])")
-        graph = export_onnx(module, (batch, 3, size, size), work / bundle_mod.MODEL_FP32, opset)
+        say(f"[2/5] exporting ONNX (opset {opset}, input [{batch}, 3, {h}, {w}])")
+        graph = export_onnx(module, (batch, 3, h, w), work / bundle_mod.MODEL_FP32, opset)
         say(f"      {len(graph.graph.node)} nodes, TensorRT operator check passed")
         say(f"[3/5] parity PyTorch vs ONNX Runtime on {samples} images")
-        x, source = parity.sample_images(samples, size, data)
+        x, source = parity.sample_images(samples, (h, w), data)
         names = list(OUTPUT_NAMES.values())
         ref = parity.run_batched(parity.torch_runner(module), x, batch)
         sess = parity.ort_session(work / bundle_mod.MODEL_FP32, threads)
@@ -165,11 +168,11 @@ def export_bundle(checkpoint: Path, out: Path, fp16: bool = False, batch: int = 
         else:
             say("[4/5] fp16 skipped (use --fp16)")
         say("[5/5] writing manifest")
-        mean = module.backbone.mean.reshape(-1).tolist()
-        std = module.backbone.std.reshape(-1).tolist()
+        mean = model.backbone.mean.reshape(-1).tolist()
+        std = model.backbone.std.reshape(-1).tolist()
         manifest = bundle_mod.make_manifest(
-            input_name=INPUT_NAME, input_shape=[batch, 3, size, size], mean=mean, std=std,
-            output_names=OUTPUT_NAMES, threshold=_threshold_section(ckpt["calibration"]),
+            input_name=INPUT_NAME, input_shape=[batch, 3, h, w], mean=mean, std=std,
+            output_names=OUTPUT_NAMES, threshold=_threshold_section(ckpt["calibration"], model),
             files=files, parity=record,
             model=_model_section(model.cfg, ckpt, files[bundle_mod.MODEL_FP32]["sha256"],
                                  Path(checkpoint)))

@@ -10,8 +10,10 @@ inserted around every node kept in fp32). What this module decides is WHICH node
   produces the logits (the relative-position logits and the masking ``Where`` included), so the
   logits, their masking fill value and the softmax are fp32;
 - the anomaly-map tail: every node between the graph outputs and the feature-error ``Sub``
-  (F - F_hat) inclusive: squared error, channel mean, Gaussian smoothing, upsampling, max and the
-  final threshold normalisation (Mul / Div) stay fp32.
+  (F - F_hat) inclusive: squared error, channel mean, the position-wise Gaussian (its MatMul
+  onto the least-variance directions cancels large values: fp16 would lose them), Gaussian
+  smoothing, position normalisation, upsampling, max and the final threshold normalisation
+  (Mul / Div) stay fp32.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ _LOGIT_SOURCES = {"MatMul", "Gemm", "Einsum"}
 _TAIL_OPS = {"Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "ReduceMean", "ReduceMax", "ReduceSum",
              "ReduceMin", "TopK", "Resize", "Conv", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
              "Slice", "Gather", "Transpose", "Cast", "Identity", "Pad", "Clip", "Max", "Min",
-             "Expand", "Abs"}
+             "Expand", "Abs", "MatMul"}
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

@@ -57,13 +57,15 @@ def _from_data(root: Path, k: int) -> list[np.ndarray]:
     return [data_mod.read_image(paths[i]) for i in picks]  # spread over good and defect classes
 
 
-def sample_images(k: int, size: int, data: Path | None = None,
+def sample_images(k: int, size: int | tuple[int, int], data: Path | None = None,
                   seed: int = 0) -> tuple[np.ndarray, str]:
-    """K preprocessed images [K, 3, size, size] float32 in [0, 1] and where they came from."""
+    """K preprocessed images [K, 3, H, W] float32 in [0, 1] and where they came from
+    (``size``: a square side or (height, width))."""
     if data is not None:
         images, source = _from_data(Path(data), k), f"data:{data}"
     else:
-        images, source = _synthetic(k, size, seed), "synthetic"
+        side = size if isinstance(size, int) else max(size)
+        images, source = _synthetic(k, side, seed), "synthetic"
     batch = np.stack([data_mod.to_model_input(img, size) for img in images])
     return batch.astype(np.float32), source
 

@@ -127,3 +127,12 @@ def tiny_bundle(tmp_path_factory, trained_tiny) -> Path:
     run_cli(bin_path("haloae-export"), str(ckpt), "--out", str(out), "--data", str(data),
             "--samples", "4", "--fp16")
     return out
+
+
+
+@pytest.fixture(scope="session")
+def fit_untrained():
+    """``fit_for_timing(model, n=6, seed=0)``: every statistic of an untrained HaloAE fitted on
+    random images (as haloae-train fits them after training); returns the calibration dict."""
+    from haloae.train.fit_stats import fit_for_timing
+    return fit_for_timing

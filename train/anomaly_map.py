@@ -1,23 +1,32 @@
-"""Anomaly map and image score of HaloAE (Mathian et al., arXiv 2208.03486).
+"""Anomaly map and image score of HaloAE (Mathian et al., arXiv 2208.03486), in steps.
 
-`compute_anomaly` is the ONE function that training, evaluation and export use:
+Training, calibration, evaluation and export all use these functions (composed in
+``inference.py``):
 
-1. error = channel mean of (F - F_hat)^2 at the feature grid  -> [N, 1, g, g]
-   (computed as the sum of ((F - F_hat) / sqrt(C))^2: no fp16 overflow)
-2. Gaussian smoothing at grid resolution with the equivalent sigma
-   (``sigma_grid = sigma_px * g / out_size``) as two fixed 1-D convolutions (constant weights)
-   with zero padding renormalised by the kernel mass inside the map (so borders are not
-   darkened): Pad-free Conv + Mul, static, TensorRT friendly.
-3. bilinear upsample to ``out_size`` (align_corners=False, no antialias)  -> [N, 1, S, S]
-4. score = max of the map, or the mean of its top-k pixels  -> [N]
+1. `error_map`: the error at every grid position from features F and reconstruction F_hat
+   [N, C, gh, gw] -> [N, 1, gh, gw]: the paper's channel mean of (F - F_hat)^2 (``mse``,
+   computed as the sum of ((F - F_hat) / sqrt(C))^2: no fp16 overflow), or the distance of
+   the residual under the position-wise Gaussian of normal residuals (``gaussian``,
+   `position_gaussian.py`);
+2. `smooth`: Gaussian smoothing at grid resolution with the equivalent sigma
+   (``sigma_grid = sigma_px * gh / H``) as two fixed 1-D convolutions (constant weights) with
+   zero padding renormalised by the kernel mass inside the map (borders are not darkened):
+   Pad-free Conv + Mul, static, TensorRT friendly;
+3. (calibration: position-wise normalisation, `calibration.Calibration.position_normalize`)
+4. `upsample`: bilinear to the input size (align_corners=False, no antialias) -> [N, 1, H, W];
+5. `image_score`: max of the map, or the mean of its top-k pixels -> [N].
+
+The map is normalised (step 3) BEFORE the image score is taken (step 5).
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import MapCfg
 
@@ -40,43 +49,53 @@ def _border_gain(size: int, taps: tuple[float, ...]) -> tuple[float, ...]:
 
 
 def gaussian_blur_grid(amap: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [N, 1, g, g] with border renormalisation (all constants)."""
+    """Separable Gaussian blur of [N, 1, gh, gw] with border renormalisation (all constants)."""
     if sigma <= 0:
         return amap
-    g = amap.shape[-1]
+    gh, gw = amap.shape[-2:]
     taps = gaussian_taps(float(sigma))
     r = len(taps) // 2
     kw = dict(device=amap.device, dtype=amap.dtype)
     k = torch.tensor(taps, **kw)
-    gain = torch.tensor(_border_gain(g, taps), **kw)
-    amap = F.conv2d(amap, k.reshape(1, 1, -1, 1), padding=(r, 0)) * gain.reshape(1, 1, g, 1)
-    amap = F.conv2d(amap, k.reshape(1, 1, 1, -1), padding=(0, r)) * gain.reshape(1, 1, 1, g)
+    gain_h = torch.tensor(_border_gain(gh, taps), **kw)
+    gain_w = torch.tensor(_border_gain(gw, taps), **kw)
+    amap = F.conv2d(amap, k.reshape(1, 1, -1, 1), padding=(r, 0)) * gain_h.reshape(1, 1, gh, 1)
+    amap = F.conv2d(amap, k.reshape(1, 1, 1, -1), padding=(0, r)) * gain_w.reshape(1, 1, 1, gw)
     return amap
 
 
-def compute_anomaly(features: torch.Tensor, recon: torch.Tensor, map_cfg: MapCfg,
-                    out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features F and reconstruction F_hat [N, C, g, g] -> (score [N], amap [N, 1, S, S]).
-
-    Values are raw squared errors (>= 0, higher = more anomalous); ``inference.py`` normalises
-    them by the calibrated thresholds.
-    """
+def error_map(features: torch.Tensor, recon: torch.Tensor, map_cfg: MapCfg,
+              gaussian: Optional[nn.Module] = None) -> torch.Tensor:
+    """Features F and reconstruction F_hat [N, C, gh, gw] -> raw error [N, 1, gh, gw] (>= 0)."""
     if features.shape != recon.shape or features.dim() != 4:
         raise ValueError(f"features {list(features.shape)} and recon {list(recon.shape)} must "
-                         "both be [N, C, g, g]")
-    g = features.shape[-1]
+                         "both be [N, C, gh, gw]")
+    if map_cfg.error == "gaussian":
+        if gaussian is None:
+            raise ValueError("map.error=gaussian needs the model's fitted PositionGaussian")
+        return gaussian(features - recon)
     # Scale before squaring, then sum: the mean without fp16 overflow (a sum of C squared
     # errors passes 65504 easily). Sum and topk(1) rather than ReduceMean / ReduceMax: their
     # opset-18 form (axes as an input) makes torch's dynamo exporter fail to down-convert to 17.
     diff = (features - recon) * (features.shape[1] ** -0.5)
-    err = diff.pow(2).sum(dim=1, keepdim=True)  # [N, 1, g, g] channel mean of squared error
-    err = gaussian_blur_grid(err, map_cfg.sigma * g / out_size)
-    amap = F.interpolate(err, size=(out_size, out_size), mode="bilinear", align_corners=False)
-    flat = amap.flatten(1)  # [N, S*S]
+    return diff.pow(2).sum(dim=1, keepdim=True)  # N, 1, gh, gw: channel mean of squared error
+
+
+def smooth(err: torch.Tensor, map_cfg: MapCfg, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Gaussian smoothing of a grid map with ``map.sigma`` given in input pixels."""
+    return gaussian_blur_grid(err, map_cfg.sigma * err.shape[-2] / out_hw[0])
+
+
+def upsample(err: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """[N, 1, gh, gw] -> [N, 1, H, W], bilinear, no antialias (TensorRT Resize)."""
+    return F.interpolate(err, size=tuple(out_hw), mode="bilinear", align_corners=False)
+
+
+def image_score(amap: torch.Tensor, map_cfg: MapCfg) -> torch.Tensor:
+    """[N, 1, H, W] -> [N]: the map maximum or the mean of its top-k pixels."""
+    flat = amap.flatten(1)  # N, H*W
     if map_cfg.score == "max":
-        score = flat.topk(1, dim=1).values[:, 0]  # == amax
-    elif map_cfg.score == "topk":
-        score = flat.topk(map_cfg.topk, dim=1).values.mean(dim=1)
-    else:
-        raise ValueError(f"map.score={map_cfg.score!r}: use 'max' or 'topk'")
-    return score, amap
+        return flat.topk(1, dim=1).values[:, 0]  # == amax
+    if map_cfg.score == "topk":
+        return flat.topk(map_cfg.topk, dim=1).values.mean(dim=1)
+    raise ValueError(f"map.score={map_cfg.score!r}: use 'max' or 'topk'")

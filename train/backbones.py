@@ -49,31 +49,36 @@ def _same_pad(size: int, k: int, s: int) -> tuple[int, int]:
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TF 'same' padding precomputed for a fixed input size.
+    """Conv2d with TF 'same' padding precomputed for a fixed input size (height, width).
 
-    TF pads ``(lo, hi)`` with ``hi - lo`` in {0, 1}; the conv pads ``lo`` on both sides and one
-    extra zero row / column is concatenated at the end when ``hi > lo``. No ONNX Pad node: the
-    opset-18 Pad the dynamo exporter emits has no down-conversion to opset 17.
+    TF pads ``(lo, hi)`` with ``hi - lo`` in {0, 1} per axis; the conv pads ``lo`` on both sides
+    and one extra zero row / column is concatenated at the end where ``hi > lo``. No ONNX Pad
+    node: the opset-18 Pad the dynamo exporter emits has no down-conversion to opset 17.
     """
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int, in_size: int, groups: int = 1):
-        lo, hi = _same_pad(in_size, k, stride)
-        super().__init__(cin, cout, k, stride, padding=lo, groups=groups, bias=False)
-        self.extra = hi - lo  # 0 or 1
-        self.out_size = math.ceil(in_size / stride)
+    def __init__(self, cin: int, cout: int, k: int, stride: int,
+                 in_size: Union[int, tuple[int, int]], groups: int = 1):
+        h, w = (in_size, in_size) if isinstance(in_size, int) else in_size
+        (lo_h, hi_h), (lo_w, hi_w) = _same_pad(h, k, stride), _same_pad(w, k, stride)
+        super().__init__(cin, cout, k, stride, padding=(lo_h, lo_w), groups=groups, bias=False)
+        self.extra = (hi_h - lo_h, hi_w - lo_w)  # 0 or 1 per axis
+        self.out_size = (math.ceil(h / stride), math.ceil(w / stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.extra:
-            n, c, h, w = x.shape
+        n, c, h, w = x.shape
+        if self.extra[0]:
             x = torch.cat([x, x.new_zeros(n, c, 1, w)], dim=2)  # [N, C, H+1, W]
-            x = torch.cat([x, x.new_zeros(n, c, h + 1, 1)], dim=3)  # [N, C, H+1, W+1]
+            h += 1
+        if self.extra[1]:
+            x = torch.cat([x, x.new_zeros(n, c, h, 1)], dim=3)  # [N, C, H', W+1]
         return super().forward(x)
 
 
 class MBConv(nn.Module):
     """Inverted residual block (no SE), lukemelas attribute names."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int, in_size: int):
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int,
+                 in_size: tuple[int, int]):
         super().__init__()
         mid = cin * expand
         bn = dict(eps=1e-3, momentum=0.01)
@@ -98,7 +103,7 @@ class MBConv(nn.Module):
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 trunk up to block ``max(layers)``; returns the requested block outputs."""
 
-    def __init__(self, layers: Sequence[int], input_size: int) -> None:
+    def __init__(self, layers: Sequence[int], input_size: Union[int, tuple[int, int]]) -> None:
         super().__init__()
         self.layers = sorted(int(i) for i in layers)
         self._conv_stem = SameConv2d(3, 32, 3, 2, input_size)
@@ -216,13 +221,20 @@ def _strict_load(module: nn.Module, sd: dict[str, torch.Tensor], path: str) -> N
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen Block A: RGB [0, 1] [N, 3, S, S] -> aggregated features [N, C, grid, grid]."""
+    """Frozen Block A: RGB [0, 1] [N, 3, H, W] -> aggregated features [N, C, gh, gw].
 
-    def __init__(self, cfg: BackboneCfg, input_size: int, pretrained: bool = True) -> None:
+    With ``cfg.standardize`` the features leave as ``(f - mean) / std`` per channel, with the
+    statistics of the training images (`set_standardization`, persistent buffers: they travel in
+    the checkpoint and the exported graph).
+    """
+
+    def __init__(self, cfg: BackboneCfg, input_size: Union[int, tuple[int, int]],
+                 pretrained: bool = True) -> None:
         super().__init__()
-        self.cfg, self.input_size = cfg, input_size
+        self.cfg = cfg
+        self.input_hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if cfg.name == "efficientnet_lite0":
-            self.trunk = EfficientNetLite0([int(i) for i in cfg.layers], input_size)
+            self.trunk = EfficientNetLite0([int(i) for i in cfg.layers], self.input_hw)
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         elif cfg.name == "vgg19":
             self.trunk = VGG19Features(cfg.layers)
@@ -234,6 +246,9 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
         self.out_channels = sum(self.trunk.channels)
+        c = self.out_channels
+        self.register_buffer("feat_mean", torch.zeros(1, c, 1, 1))
+        self.register_buffer("feat_std", torch.ones(1, c, 1, 1))
         self.requires_grad_(False)
         self.eval()
 
@@ -241,19 +256,36 @@ class FeatureExtractor(nn.Module):
         return super().train(False)  # always frozen: BN statistics never move
 
     def _resize(self, f: torch.Tensor) -> torch.Tensor:
-        g, s = self.cfg.grid, f.shape[-1]
-        if s == g:
+        (gh, gw), (h, w) = self.cfg.grid_hw, f.shape[-2:]
+        if (h, w) == (gh, gw):
             return f
-        if s > g and s % g == 0:
-            return F.avg_pool2d(f, s // g)
-        return F.interpolate(f, size=(g, g), mode="bilinear", align_corners=False)
+        if h > gh and h % gh == 0 and w % gw == 0 and h // gh == w // gw:
+            return F.avg_pool2d(f, h // gh)
+        return F.interpolate(f, size=(gh, gw), mode="bilinear", align_corners=False)
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def multiscale(self, x01: torch.Tensor) -> torch.Tensor:
+        """Every requested layer resized to the grid and concatenated: [N, C, gh, gw]
+        (no aggregation, no standardisation; what the benchmark's peer methods start from)."""
         x = (x01 - self.mean) / self.std
-        feats = torch.cat([self._resize(f) for f in self.trunk(x)], dim=1)  # [N, C, g, g]
+        return torch.cat([self._resize(f) for f in self.trunk(x)], dim=1)
+
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel statistics [C] of aggregated training features (used when
+        ``cfg.standardize``); std is floored at 1e-6 of its mean so no channel divides by 0."""
+        std = std.clamp_min(1e-6 * float(std.mean()) + 1e-12)
+        self.feat_mean.copy_(mean.reshape(self.feat_mean.shape))
+        self.feat_std.copy_(std.reshape(self.feat_std.shape))
+
+    def aggregate(self, feats: torch.Tensor) -> torch.Tensor:
+        """Local average aggregation (stride 1, same size), then standardisation if enabled."""
         k = self.cfg.aggregate
         if k > 1:
-            g = self.cfg.grid
+            gh, gw = feats.shape[-2:]
             feats = F.avg_pool2d(feats, k, stride=1, padding=k // 2, count_include_pad=False)
-            feats = feats[..., :g, :g]  # even k: one extra row/col (window offset -k/2 .. k/2-1)
+            feats = feats[..., :gh, :gw]  # even k: one extra row/col (window offset -k/2 .. k/2-1)
+        if self.cfg.standardize:
+            feats = (feats - self.feat_mean) / self.feat_std
         return feats
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.aggregate(self.multiscale(x01))  # [N, C, gh, gw]

@@ -83,19 +83,34 @@ def read_image(path: PathLike) -> np.ndarray:
     raise ImageReadError(f"{path}: {img.shape[2]} channels; use a grey, RGB or RGBA image")
 
 
-def read_mask(path: PathLike, size: int) -> np.ndarray:
-    """Read a mask as ``size`` x ``size`` float32 in {0, 1} (nearest resize, threshold 127)."""
+Size = Union[int, Sequence[int]]  # a square side or (height, width)
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else \
+        (int(size[0]), int(size[1]))
+
+
+def read_mask(path: PathLike, size: Size) -> np.ndarray:
+    """Read a mask as height x width float32 in {0, 1} (nearest resize, threshold 127)."""
+    h, w = _hw(size)
     m = _decode(Path(path), cv2.IMREAD_GRAYSCALE)
-    m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+    m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
     return (m > 127).astype(np.float32)
 
 
-def to_model_input(rgb_uint8: np.ndarray, size: int) -> np.ndarray:
-    """THE preprocessing: RGB uint8 H x W x 3 -> float32 [3, size, size] in [0, 1]."""
-    if rgb_uint8.shape[:2] != (size, size):
-        rgb_uint8 = cv2.resize(rgb_uint8, (size, size), interpolation=cv2.INTER_AREA)
-    x = rgb_uint8.astype(np.float32) * (1.0 / 255.0)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # 3, size, size
+def resize_rgb(rgb_uint8: np.ndarray, size: Size) -> np.ndarray:
+    """RGB uint8 resized to ``size`` (INTER_AREA, as the edge does); unchanged if it fits."""
+    h, w = _hw(size)
+    if rgb_uint8.shape[:2] != (h, w):
+        rgb_uint8 = cv2.resize(rgb_uint8, (w, h), interpolation=cv2.INTER_AREA)
+    return rgb_uint8
+
+
+def to_model_input(rgb_uint8: np.ndarray, size: Size) -> np.ndarray:
+    """THE preprocessing: RGB uint8 H x W x 3 -> float32 [3, height, width] in [0, 1]."""
+    x = resize_rgb(rgb_uint8, size).astype(np.float32) * (1.0 / 255.0)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # 3, height, width
 
 
 def list_images(folder: PathLike) -> list[Path]:
@@ -217,26 +232,25 @@ def split_holdout(samples: Sequence[Sample], fraction: float,
     return train, hold
 
 
-def load_images(samples: Sequence[Sample], size: int, progress: bool = False) -> torch.Tensor:
-    """All images of ``samples`` resized to ``size``: uint8 tensor [N, 3, size, size]."""
-    out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+def load_images(samples: Sequence[Sample], size: Size, progress: bool = False) -> torch.Tensor:
+    """All images of ``samples`` resized to ``size``: uint8 tensor [N, 3, height, width]."""
+    h, w = _hw(size)
+    out = torch.empty((len(samples), 3, h, w), dtype=torch.uint8)
     it: Iterable = samples
     if progress:
         from tqdm import tqdm
         it = tqdm(samples, desc="loading images", unit="img", leave=False)
     for i, s in enumerate(it):
-        rgb = read_image(s.path)
-        if rgb.shape[:2] != (size, size):
-            rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-        out[i] = torch.from_numpy(rgb).permute(2, 0, 1)  # 3, size, size
+        rgb = resize_rgb(read_image(s.path), (h, w))
+        out[i] = torch.from_numpy(rgb).permute(2, 0, 1)  # 3, height, width
     return out
 
 
 class ImageDataset(Dataset):
     """Torch data set over `Sample` s: dict(image, mask, label, defect_class, path)."""
 
-    def __init__(self, samples: Sequence[Sample], size: int):
-        self.samples, self.size = list(samples), int(size)
+    def __init__(self, samples: Sequence[Sample], size: Size):
+        self.samples, self.size = list(samples), _hw(size)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -247,6 +261,6 @@ class ImageDataset(Dataset):
         if s.mask_path is not None:
             mask = torch.from_numpy(read_mask(s.mask_path, self.size))[None]  # 1, size, size
         else:
-            mask = torch.zeros((1, self.size, self.size), dtype=torch.float32)
+            mask = torch.zeros((1, *self.size), dtype=torch.float32)
         return {"image": image, "mask": mask, "label": s.label,
                 "defect_class": s.defect_class, "path": str(s.path)}

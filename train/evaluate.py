@@ -31,7 +31,7 @@ class Scorer:
     """A model behind one call: [B, 3, S, S] float32 in [0, 1] -> (scores [B], maps [B,1,S,S])."""
 
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-    size: int  # model input side S
+    size: tuple[int, int]  # model input (height, width)
     batch: int  # images per call (a bundle's static batch; the last batch is padded)
     source: str  # "checkpoint" | "bundle"
     info: dict[str, Any] = field(default_factory=dict)  # model id, raw thresholds, device...
@@ -70,19 +70,20 @@ def checkpoint_scorer(path: Path, device: str = "auto", threads: int | None = No
     if not ckpt.get("calibration"):
         raise CheckpointError(f"{path} has no calibration: evaluate the final.pt of a finished "
                               "haloae-train run")
-    module = HaloAEInference(model, ckpt["calibration"]).to(dev)
+    module = HaloAEInference(model, source=str(path)).to(dev)
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
             s, m = module(torch.from_numpy(x).to(dev))
         return s.float().cpu().numpy(), m.float().cpu().numpy()
 
-    cal = ckpt["calibration"]
+    cal = ckpt.get("calibration") or {}
+    thr = model.calibration.thresholds()
     info = {"model": model.cfg.name, "device": str(dev), "threads": _threads(threads),
             "file": str(path),
-            "raw_image": float(cal["image_threshold"]), "raw_pixel": float(cal["pixel_threshold"]),
-            "calibration_method": cal.get("method")}
-    return Scorer(run, model.cfg.input_size, batch, "checkpoint", info)
+            "raw_image": thr["image_threshold"], "raw_pixel": thr["pixel_threshold"],
+            "calibration_method": cal.get("method"), "calibration": _reliability(cal)}
+    return Scorer(run, model.cfg.hw, batch, "checkpoint", info)
 
 
 def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = None,
@@ -112,21 +113,28 @@ def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = 
         s, m = sess.run(names, {inp["name"]: x})
         return s, m
 
-    n, _, h, _ = inp["shape"]
+    n, _, h, w = inp["shape"]
     thr = manifest["threshold"]
     info = {"model": manifest["model"].get("id"), "device": sess.get_providers()[0],
             "threads": _threads(threads),
             "file": str(path), "raw_image": thr.get("raw_image"), "raw_pixel": thr.get("raw_pixel"),
-            "calibration_method": thr.get("method")}
-    return Scorer(run, h, n, "bundle", info)
+            "calibration_method": thr.get("method"), "calibration": _reliability(thr)}
+    return Scorer(run, (int(h), int(w)), n, "bundle", info)
 
 
-def _load(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _reliability(cal: dict[str, Any]) -> dict[str, Any]:
+    """What the report says about how far the shipped image threshold can be trusted."""
+    keys = ("quantile", "promised_false_positive_rate", "threshold_images", "images_needed",
+            "reliable")
+    return {k: cal[k] for k in keys if k in cal}
+
+
+def _load(sample: Sample, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     x = to_model_input(read_image(sample.path), size)
     if sample.mask_path is not None:
         mask = read_mask(sample.mask_path, size).astype(np.uint8)
     else:
-        mask = np.zeros((size, size), np.uint8)
+        mask = np.zeros(size, np.uint8)
     return x, mask
 
 
@@ -137,8 +145,8 @@ def score_dataset(scorer: Scorer, data: Path, progress: bool = True) -> ScoredSe
         raise DataError(f"no test images in {data}/test")
     n, s, b = len(samples), scorer.size, scorer.batch
     scores = np.empty(n, np.float32)
-    maps = np.empty((n, s, s), np.float32)
-    masks = np.empty((n, s, s), np.uint8)
+    maps = np.empty((n, *s), np.float32)
+    masks = np.empty((n, *s), np.uint8)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -195,6 +203,17 @@ def _pixel_subsample(scored: ScoredSet, max_pixels: int = 4_000_000):
     return y, s
 
 
+def recall_per_class(scored: ScoredSet, threshold: float) -> dict[str, float]:
+    """Fraction of each defect class's images scored at or above ``threshold``."""
+    classes = np.array(scored.classes)
+    out = {}
+    for c in sorted(set(scored.classes) - {"good"}):
+        sel = (classes == c) & (scored.labels == 1)
+        if sel.any():
+            out[c] = float(np.mean(scored.scores[sel] >= threshold))
+    return out
+
+
 def compute_metrics(scored: ScoredSet, thresholds: dict[str, Any]) -> dict[str, Any]:
     """Threshold-free metrics plus the confusion counts at ``thresholds['image']``."""
     f1, f1_thr = metrics.f1_max(scored.labels, scored.scores)
@@ -211,6 +230,7 @@ def compute_metrics(scored: ScoredSet, thresholds: dict[str, Any]) -> dict[str, 
         "n_images": int(len(scored.scores)), "n_good": int(np.sum(~y)), "n_defect": int(np.sum(y)),
         "at_threshold": {"tp": tp, "fp": fp, "fn": fn, "tn": tn,
                          "recall": tp / max(tp + fn, 1), "precision": tp / max(tp + fp, 1),
-                         "false_positive_rate": fp / max(fp + tn, 1)},
+                         "false_positive_rate": fp / max(fp + tn, 1),
+                         "recall_per_class": recall_per_class(scored, thresholds["image"])},
         "ms_per_image": scored.ms_per_image, "ms_per_image_total": scored.ms_per_image_total,
     }

@@ -1,8 +1,10 @@
 """Inference graph of HaloAE (Mathian et al., arXiv 2208.03486): what export traces and eval runs.
 
-`HaloAEInference` = frozen backbone (Block A) + HaloNet auto-encoder (Block C) + anomaly map,
-without the training heads (Blocks D, E). It takes RGB float [0, 1] NCHW at the model's input
-size and returns calibrated, normalised outputs (docs/architecture.md):
+`HaloAEInference` = frozen backbone (Block A, with its feature standardisation) + HaloNet
+auto-encoder (Block C) + anomaly map (``anomaly_map.py``: error, smoothing, position-wise
+normalisation, upsampling, score) + calibration (``calibration.py``), without the training
+heads (Blocks D, E). It takes RGB float [0, 1] NCHW at the model's input size and returns
+calibrated, normalised outputs (docs/architecture.md):
 
     score_norm = 0.5 * score_raw / image_threshold      [N]
     map_norm   = 0.5 * map_raw   / pixel_threshold      [N, 1, H, W]
@@ -11,60 +13,96 @@ so both thresholds sit at 0.5 (linear, monotone, never clipped).
 """
 from __future__ import annotations
 
-import math
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
-from .anomaly_map import compute_anomaly
+from .anomaly_map import error_map, image_score, smooth, upsample
+from .calibration import CalibrationError
+from .position_gaussian import check_fitted
 from .torch_model import HaloAE
 
 
+def grid_error(model: HaloAE, x01: torch.Tensor) -> torch.Tensor:
+    """Smoothed raw error at grid resolution [N, 1, gh, gw], BEFORE position normalisation
+    (what the position statistics of the calibration are computed from).
+
+    ``model``: a `HaloAE` or a `HaloAEInference` (anything with ``cfg``, ``backbone``,
+    ``autoencoder``, ``gaussian`` and ``calibration``)."""
+    with torch.no_grad():
+        feats = model.backbone(x01)  # frozen Block A
+    recon = model.autoencoder(feats)
+    err = error_map(feats, recon, model.cfg.map, model.gaussian)
+    return smooth(err, model.cfg.map, model.cfg.hw)
+
+
+def finish_map(model: HaloAE, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed grid error -> raw ``(score [N], anomaly_map [N, 1, H, W])``: position-wise
+    normalisation (when configured), upsampling, then the image score."""
+    if model.cfg.map.position_norm:
+        err = model.calibration.position_normalize(err)
+    amap = upsample(err, model.cfg.hw)
+    return image_score(amap, model.cfg.map), amap
+
+
 def raw_outputs(model: HaloAE, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw (uncalibrated) ``(score [N], anomaly_map [N, 1, H, W])`` for calibration.
+    """Raw (not threshold-normalised) ``(score [N], anomaly_map [N, 1, H, W])``.
 
     Runs in the model's current mode; wrap in ``torch.no_grad()`` and call ``model.eval()``
     first when calibrating.
     """
-    feats = model.extract(x01)
-    recon = model.reconstruct(feats)
-    return compute_anomaly(feats, recon, model.cfg.map, model.cfg.input_size)
+    return finish_map(model, grid_error(model, x01))
 
 
-def _threshold(calibration: Mapping, key: str) -> float:
+def check_calibrated(model: HaloAE, source: str = "model") -> None:
+    """Raise `CalibrationError` unless every statistic the map needs has been fitted."""
     try:
-        value = float(calibration[key])
+        check_fitted(model.gaussian, source)
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from exc
+    cal = model.calibration
+    if not bool(cal.fitted):
+        raise CalibrationError(f"{source} has no calibrated thresholds: use the final.pt of a "
+                               "finished haloae-train run")
+    if model.cfg.map.position_norm and not bool(cal.position_fitted):
+        raise CalibrationError(f"{source}: map.position_norm is on but its statistics were "
+                               "never fitted; use the final.pt of a finished haloae-train run")
+
+
+def _number(calibration: Mapping, key: str) -> float:
+    try:
+        return float(calibration[key])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"calibration needs a number '{key}' (got {calibration!r}); "
-                         "calibrate the model first (train/calibrate.py)") from exc
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"calibration['{key}']={value}: thresholds must be finite and > 0")
-    return value
+        raise CalibrationError(f"calibration needs a number '{key}' (got {calibration!r}); "
+                               "calibrate the model first (train/calibrate.py)") from exc
 
 
 class HaloAEInference(nn.Module):
-    """RGB [0, 1] [N, 3, S, S] -> ``(score_norm [N], anomaly_map_norm [N, 1, S, S])``.
+    """RGB [0, 1] [N, 3, H, W] -> ``(score_norm [N], anomaly_map_norm [N, 1, H, W])``.
 
-    Shares Blocks A and C with ``model`` (no copy) and puts them in eval mode: call
-    ``model.train()`` again before more training steps.
+    Shares Blocks A and C, the Gaussian and the calibration with ``model`` (no copy) and puts
+    them in eval mode: call ``model.train()`` again before more training steps.
     """
 
-    def __init__(self, model: HaloAE, calibration: Mapping) -> None:
+    def __init__(self, model: HaloAE, calibration: Optional[Mapping] = None,
+                 source: Optional[str] = None) -> None:
         super().__init__()
+        if calibration is not None:  # thresholds given by hand (tests, notebooks)
+            model.calibration.set_thresholds(_number(calibration, "image_threshold"),
+                                             _number(calibration, "pixel_threshold"))
+        check_calibrated(model, source or f"HaloAE '{model.cfg.name}'")
         self.cfg = model.cfg
-        self.backbone = model.backbone  # Block A (frozen)
+        self.backbone = model.backbone  # Block A (frozen, with its standardisation)
         self.autoencoder = model.autoencoder  # Block C
-        self.image_threshold = _threshold(calibration, "image_threshold")
-        self.pixel_threshold = _threshold(calibration, "pixel_threshold")
+        self.gaussian = model.gaussian  # position-wise Gaussian (map.error: gaussian) or None
+        self.calibration = model.calibration
         self.eval()
 
     def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.cfg.input_size
-        if x01.dim() != 4 or x01.shape[1] != 3 or tuple(x01.shape[-2:]) != (s, s):
-            raise ValueError(f"expected RGB float in [0, 1] shaped [N, 3, {s}, {s}], got "
+        h, w = self.cfg.hw
+        if x01.dim() != 4 or x01.shape[1] != 3 or tuple(x01.shape[-2:]) != (h, w):
+            raise ValueError(f"expected RGB float in [0, 1] shaped [N, 3, {h}, {w}], got "
                              f"{list(x01.shape)}")
-        feats = self.backbone(x01)
-        recon = self.autoencoder(feats)
-        score, amap = compute_anomaly(feats, recon, self.cfg.map, s)
-        return score * (0.5 / self.image_threshold), amap * (0.5 / self.pixel_threshold)
+        score, amap = raw_outputs(self, x01)
+        return self.calibration.normalize(score, amap)

@@ -158,7 +158,10 @@ def _markdown(m: dict[str, Any]) -> str:
         f"{g(thr.get('raw_pixel'))}.", "",
         f"At the image threshold: {at['tp']} TP, {at['fp']} FP, {at['fn']} FN, {at['tn']} TN "
         f"(recall {at['recall']:.3f}, precision {at['precision']:.3f}, false-positive rate "
-        f"{at['false_positive_rate']:.3f}).", "",
+        f"{at['false_positive_rate']:.3f} on the good test images).", "",
+        "| defect class | recall at the threshold |", "|---|---|",
+        *[f"| {k} | {v:.3f} |" for k, v in at.get("recall_per_class", {}).items()], "",
+        *_calibration_lines(m["model"].get("calibration") or {}, thr["method"]),
         "## Figures", "",
         *[f"![{name}]({name})" for name in m["figures"]], "",
         f"Model: `{m['model'].get('file')}` on {m['model'].get('device')} "
@@ -166,6 +169,21 @@ def _markdown(m: dict[str, Any]) -> str:
         "Compare `haloae-eval --checkpoint` with `--bundle` on the same data to see how far the "
         "deployed scores are from the training-side ones.", ""]
     return "\n".join(lines)
+
+
+def _calibration_lines(cal: dict[str, Any], method: str) -> list[str]:
+    """What the shipped threshold promises, and whether enough normals were held out."""
+    if method != "holdout" or "promised_false_positive_rate" not in cal:
+        return []
+    p = 100 * cal["promised_false_positive_rate"]
+    line = (f"The shipped threshold is the {cal['quantile']:.3g} quantile of "
+            f"{cal['threshold_images']} held-out normal images: it promises a false-positive "
+            f"rate of about {p:.1f} %.")
+    if not cal.get("reliable", True):
+        line += (f" **Unreliable**: that quantile needs at least {cal['images_needed']} "
+                 "held-out normal images; hold out more (holdout_fraction) or lower "
+                 "image_quantile (docs/training.md).")
+    return [line, ""]
 
 
 def write_scores_csv(scored: ScoredSet, path: Path) -> None:

@@ -6,21 +6,23 @@ Detection and Localization", arXiv 2208.03486): Blocks A, C, D, E and `create_mo
 - Block D `ImageDecoder`: transposed-VGG decoder, reconstructed features -> image in [0, 1].
 - Block E `CutPasteClassifier`: normal / cut-paste / scar logits on the reconstructed image.
 
-Input everywhere: float RGB in [0, 1], NCHW, ``cfg.input_size`` square. Only A + C (+ the
-anomaly map) run at inference; D and E are training heads.
+Input everywhere: float RGB in [0, 1], NCHW, ``cfg.hw`` = (height, width). Only A + C (+ the
+anomaly map and its calibration) run at inference; D and E are training heads.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbones import FeatureExtractor
+from .calibration import Calibration
 from .config import HaloCfg, ModelCfg
 from .halo_attention import HaloAttention
+from .position_gaussian import PositionGaussian
 
 _LOG = logging.getLogger(__name__)
 
@@ -35,12 +37,14 @@ def _conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, act: bool = True)
 class HaloBlock(nn.Module):
     """HaloNet bottleneck block: 1x1 conv -> HaloAttention -> 1x1 conv, residual, ReLU."""
 
-    def __init__(self, dim: int, feat_size: int, cfg: HaloCfg) -> None:
+    def __init__(self, dim: int, feat_size: Union[int, tuple[int, int]], cfg: HaloCfg,
+                 block_size: Optional[int] = None, halo_size: Optional[int] = None) -> None:
         super().__init__()
         dh = cfg.dim_head or dim // cfg.heads
+        b = cfg.block_size if block_size is None else block_size
+        h = cfg.halo_size if halo_size is None else halo_size
         self.conv1 = _conv_bn(dim, dim)
-        self.attn = HaloAttention(dim, feat_size, cfg.heads, dh, cfg.block_size, cfg.halo_size,
-                                  cfg.qkv_bias)
+        self.attn = HaloAttention(dim, feat_size, cfg.heads, dh, b, h, cfg.qkv_bias)
         self.norm = nn.Sequential(nn.BatchNorm2d(cfg.heads * dh), nn.ReLU())
         self.conv2 = _conv_bn(cfg.heads * dh, dim, act=False)
         nn.init.zeros_(self.conv2[1].weight)  # block starts as identity (stable training)
@@ -51,23 +55,33 @@ class HaloBlock(nn.Module):
 
 
 class HaloAutoEncoder(nn.Module):
-    """Block C: [N, C, g, g] -> [N, C, g, g] through a [N, bottleneck_dim, g/2, g/2] bottleneck."""
+    """Block C: [N, C, gh, gw] -> [N, C, gh, gw] through ``levels - 1`` stride-2 stages.
 
-    def __init__(self, in_channels: int, grid: int, cfg: HaloCfg) -> None:
+    Level 0 runs at the feature grid with width ``dim``; every lower level halves the grid at
+    width ``bottleneck_dim``. ``levels: 2`` is the paper's shape (one bottleneck at grid / 2).
+    ``sides`` / ``blocks``: grid (h, w) and (block size, halo) per level (`ModelCfg`).
+    """
+
+    def __init__(self, in_channels: int, sides: list[tuple[int, int]],
+                 blocks: list[tuple[int, int]], cfg: HaloCfg) -> None:
         super().__init__()
-        d, db, g2 = cfg.dim, cfg.bottleneck_dim, grid // 2
-        self.encoder = nn.Sequential(
-            _conv_bn(in_channels, d),
-            *[HaloBlock(d, grid, cfg) for _ in range(cfg.depth)],
-            _conv_bn(d, db, k=3, stride=2),  # downsample: the bottleneck cannot copy F
-            *[HaloBlock(db, g2, cfg) for _ in range(cfg.depth)],
-        )
-        self.decoder = nn.Sequential(
-            *[HaloBlock(db, g2, cfg) for _ in range(cfg.depth)],
-            nn.ConvTranspose2d(db, d, 2, stride=2, bias=False), nn.BatchNorm2d(d), nn.ReLU(),
-            *[HaloBlock(d, grid, cfg) for _ in range(cfg.depth)],
-            nn.Conv2d(d, in_channels, 1),  # linear output: features may be negative
-        )
+        widths = [cfg.dim] + [cfg.bottleneck_dim] * (len(sides) - 1)
+
+        def halo(level: int) -> list[nn.Module]:
+            b, h = blocks[level]
+            return [HaloBlock(widths[level], sides[level], cfg, b, h) for _ in range(cfg.depth)]
+
+        enc: list[nn.Module] = [_conv_bn(in_channels, cfg.dim), *halo(0)]
+        for lvl in range(1, len(sides)):  # downsample: the code cannot copy F
+            enc += [_conv_bn(widths[lvl - 1], widths[lvl], k=3, stride=2), *halo(lvl)]
+        dec: list[nn.Module] = []
+        for lvl in range(len(sides) - 1, 0, -1):
+            dec += [*halo(lvl), nn.ConvTranspose2d(widths[lvl], widths[lvl - 1], 2, stride=2,
+                                                   bias=False),
+                    nn.BatchNorm2d(widths[lvl - 1]), nn.ReLU()]
+        dec += [*halo(0), nn.Conv2d(cfg.dim, in_channels, 1)]  # linear: features may be < 0
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(feats))
@@ -113,10 +127,13 @@ class HaloAE(nn.Module):
     def __init__(self, cfg: ModelCfg, pretrained: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = FeatureExtractor(cfg.backbone, cfg.input_size, pretrained=pretrained)
-        c, g = self.backbone.out_channels, cfg.backbone.grid
+        self.backbone = FeatureExtractor(cfg.backbone, cfg.hw, pretrained=pretrained)
+        c = self.backbone.out_channels
         self.feature_channels = c
-        self.autoencoder = HaloAutoEncoder(c, g, cfg.halo)
+        self.autoencoder = HaloAutoEncoder(c, cfg.level_sides(), cfg.level_blocks(), cfg.halo)
+        # anomaly-map statistics and thresholds (buffers; fitted after training)
+        self.gaussian = PositionGaussian.for_config(c, cfg) if cfg.map.error == "gaussian" else None
+        self.calibration = Calibration(cfg.backbone.grid_hw)
         self.image_decoder = ImageDecoder(c, cfg.image_decoder_widths) if cfg.image_decoder else None
         self.classifier = CutPasteClassifier(cfg.classifier_widths) if cfg.classifier else None
 
@@ -130,14 +147,14 @@ class HaloAE(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def check_input(self, x01: torch.Tensor) -> None:
-        s = self.cfg.input_size
-        if x01.dim() != 4 or x01.shape[1] != 3 or tuple(x01.shape[-2:]) != (s, s):
+        h, w = self.cfg.hw
+        if x01.dim() != 4 or x01.shape[1] != 3 or tuple(x01.shape[-2:]) != (h, w):
             raise ValueError(f"HaloAE '{self.cfg.name}' expects RGB float in [0, 1] shaped "
-                             f"[N, 3, {s}, {s}], got {list(x01.shape)}: resize the image to "
-                             f"{s}x{s} and convert HWC uint8 to NCHW / 255")
+                             f"[N, 3, {h}, {w}], got {list(x01.shape)}: resize the image to "
+                             f"{w}x{h} (width x height) and convert HWC uint8 to NCHW / 255")
 
     def extract(self, x01: torch.Tensor) -> torch.Tensor:
-        """Block A: RGB [0, 1] [N, 3, S, S] -> frozen features F [N, C, g, g]."""
+        """Block A: RGB [0, 1] [N, 3, H, W] -> frozen features F [N, C, gh, gw]."""
         self.check_input(x01)
         with torch.no_grad():
             return self.backbone(x01)
@@ -178,6 +195,7 @@ def create_model(cfg: ModelCfg, device=None, dtype=None, pretrained: bool = True
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     n = sum(p.numel() for p in model.trainable_parameters())
+    gh, gw = cfg.backbone.grid_hw
     _LOG.info("HaloAE %s: %d feature channels at %dx%d, %.2fM trainable parameters",
-              cfg.name, model.feature_channels, cfg.backbone.grid, cfg.backbone.grid, n / 1e6)
+              cfg.name, model.feature_channels, gh, gw, n / 1e6)
     return model

@@ -33,6 +33,7 @@ from .calibrate import calibrate
 from .checkpoint import read_checkpoint, save_checkpoint
 from .cutpaste import augment_batch
 from .data import DataError, ImageDataset, find_train_samples, load_images, split_holdout
+from .fit_stats import fit_gaussian, fit_standardization, split_calibration
 from .loss import haloae_loss, loss_weights
 from .torch_model import HaloAE, create_model
 from .train_config import TrainCfg, resolve_model_config
@@ -82,13 +83,13 @@ def _feature_cache(model: HaloAE, images: torch.Tensor, cfg: TrainCfg, device: t
     """Backbone features of every clean training image [N, C, g, g], or None if too big."""
     if not cfg.cache_features:
         return None
-    g, c, n = model.cfg.backbone.grid, model.feature_channels, images.shape[0]
-    gb = n * c * g * g * 4 / 1e9
+    (gh, gw), c, n = model.cfg.backbone.grid_hw, model.feature_channels, images.shape[0]
+    gb = n * c * gh * gw * 4 / 1e9
     if gb > cfg.cache_max_gb:
         _LOG.warning("feature cache would take %.1f GB > cache_max_gb=%.1f: computing features "
                      "every step instead", gb, cfg.cache_max_gb)
         return None
-    out = torch.empty((n, c, g, g), dtype=torch.float32, device=device)
+    out = torch.empty((n, c, gh, gw), dtype=torch.float32, device=device)
     bs = max(cfg.calib_batch_size, cfg.batch_size)
     starts = range(0, n, bs)
     if progress:
@@ -188,12 +189,13 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
                            "with the same --config or start a new --out")
         model.load_state_dict(state["state_dict"])
     model.train()
-    size = model_cfg.input_size
-    images = load_images(train_s, size, progress)  # uint8 [N, 3, S, S] on CPU
+    images = load_images(train_s, model_cfg.hw, progress)  # uint8 [N, 3, H, W] on CPU
     if info.device.type == "cuda":
         images = images.pin_memory()
     cache = _feature_cache(model, images, cfg, info.device, progress)
-    if state is None:
+    if state is None:  # resumed runs load the statistics with the weights
+        cache = fit_standardization(model, images, cache, info.device, cfg.calib_batch_size,
+                                    progress)
         _init_output_bias(model, images, cache, info.device)
 
     heads: nn.Module = _Heads(model)
@@ -291,21 +293,29 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
         _LOG.warning("holdout_fraction=0: calibrating on the training images; thresholds "
                      "will be too low (hold out some normal images)")
     if info.is_main:
+        gauss = fit_gaussian(model, images, cache, info.device, cfg.calib_batch_size, progress)
         final = _finish(model, cfg, hold_s or train_s, out, info,
-                        lambda: train_info(cfg.epochs), progress)
+                        lambda: {**train_info(cfg.epochs), "gaussian": gauss}, progress)
     ddp.barrier(info)
     return final, model
+
+
+def _loader(samples, model: HaloAE, cfg: TrainCfg, desc: str, progress: bool):
+    loader = DataLoader(ImageDataset(samples, model.cfg.hw), batch_size=cfg.calib_batch_size,
+                        num_workers=cfg.num_workers)
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc=desc, unit="batch", leave=False)
+    return loader
 
 
 def _finish(model: HaloAE, cfg: TrainCfg, calib_samples, out: Path, info: ddp.DistInfo,
             train_info: Callable[[], dict], progress: bool) -> Path:
     """Calibrate on held-out normal images and write final.pt."""
-    loader = DataLoader(ImageDataset(calib_samples, model.cfg.input_size),
-                        batch_size=cfg.calib_batch_size, num_workers=cfg.num_workers)
-    if progress:
-        from tqdm import tqdm
-        loader = tqdm(loader, desc="calibrating", unit="batch", leave=False)
-    cal = calibrate(model, loader, cfg.image_quantile, cfg.pixel_quantile, info.device)
+    pos_s, thr_s = split_calibration(calib_samples, model.cfg.map.position_norm, cfg.seed)
+    pos_loader = _loader(pos_s, model, cfg, "position statistics", progress) if pos_s else None
+    cal = calibrate(model, _loader(thr_s, model, cfg, "calibrating", progress),
+                    cfg.image_quantile, cfg.pixel_quantile, info.device, pos_loader)
     cal["images"] = len(calib_samples)
     path = save_checkpoint(out / "final.pt", model, cal, train_info())
     model.train()

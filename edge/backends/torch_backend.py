@@ -38,13 +38,13 @@ class TorchBackend(Backend):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             model, ckpt = load_checkpoint(checkpoint, device=self.device)
-            self.module = HaloAEInference(model, ckpt.get("calibration") or {}).to(self.device).eval()
+            self.module = HaloAEInference(model, source=str(checkpoint)).to(self.device).eval()
         except (CheckpointError, ValueError) as exc:
             raise BackendUnavailable(f"torch backend: {exc}") from None
         self.input_shape = tuple(manifest["input"]["shape"])
-        size = self.module.cfg.input_size
-        if tuple(self.input_shape[2:]) != (size, size):
-            raise BackendUnavailable(f"checkpoint {checkpoint} takes {size}x{size} inputs but the bundle "
+        h, w = self.module.cfg.hw
+        if tuple(self.input_shape[2:]) != (h, w):
+            raise BackendUnavailable(f"checkpoint {checkpoint} takes {w}x{h} inputs but the bundle "
                                      f"{list(self.input_shape)}: use the checkpoint the bundle was exported from")
         log.info("torch %s: %s on %s", torch.__version__, checkpoint, self.device)
 

@@ -22,14 +22,11 @@ from haloae.train.torch_model import create_model
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, fit_untrained):
     torch.manual_seed(0)
     cfg = load_model_config("tiny")
     model = create_model(cfg, pretrained=False).eval()
-    with torch.no_grad():
-        s, m = raw_outputs(model, torch.rand(4, 3, cfg.input_size, cfg.input_size))
-    calibration = {"image_threshold": float(s.median()), "pixel_threshold": float(m.median()),
-                   "method": "quantile", "quantile": 0.99}
+    calibration = fit_untrained(model)
     root = tmp_path_factory.mktemp("export")
     ckpt = save_checkpoint(root / "tiny.pt", model, calibration, {"epochs": 0, "seed": 0})
     out = root / "bundle"
@@ -61,8 +58,10 @@ def test_training_heads_are_not_exported(exported):
     weights = sum(int(np.prod(i.dims)) for i in graph.graph.initializer)
     heads = sum(p.numel() for p in [*model.image_decoder.parameters(),
                                     *model.classifier.parameters()])
-    inference = sum(p.numel() for p in HaloAEInference(model, {"image_threshold": 1,
-                                                               "pixel_threshold": 1}).parameters())
+    module = HaloAEInference(model)
+    inference = sum(p.numel() for p in module.parameters()) + sum(
+        b.numel() for n, b in module.named_buffers()
+        if "gaussian" in n or "calibration" in n or "feat_" in n)
     assert weights < inference + heads  # no classifier / image decoder weights in the graph
     assert abs(weights - inference) < 0.1 * inference
 
@@ -71,7 +70,7 @@ def test_torch_vs_onnxruntime_parity_on_new_images(exported):
     ckpt, out, manifest = exported
     assert manifest["parity"]["fp32"]["max_abs_score"] <= 1e-4
     model, c = load_checkpoint(ckpt)
-    module = HaloAEInference(model, c["calibration"])
+    module = HaloAEInference(model)
     x, _ = parity.sample_images(5, 128, seed=7)  # 5 = 2 full batches + 1 padded
     ref = parity.run_batched(parity.torch_runner(module), x, 2)
     sess = parity.ort_session(out / B.MODEL_FP32, threads=1)

@@ -16,12 +16,13 @@ from haloae.train.torch_model import create_model
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_model(fit_untrained):
     torch.manual_seed(0)
     model = create_model(load_model_config("tiny"))
     with torch.no_grad():  # make it differ from a fresh init
         for p in model.trainable_parameters():
             p.add_(0.01 * torch.randn_like(p))
+    fit_untrained(model)
     return model.eval()
 
 
@@ -98,8 +99,9 @@ def test_thresholds_are_quantiles_of_normal_scores():
 
 def test_calibrate_matches_raw_outputs(tiny_model):
     x = torch.rand(5, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    pos = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     cal = calibrate(tiny_model, [x[:3], {"image": x[3:]}], image_quantile=1.0,
-                    pixel_quantile=1.0)
+                    pixel_quantile=1.0, position_loader=[pos])
     with torch.no_grad():
         s, m = raw_outputs(tiny_model, x)
     assert cal["image_threshold"] == pytest.approx(float(s.max()), rel=1e-5)

@@ -1,0 +1,201 @@
+"""Lever study for the anomaly map: which error form, normalisation and code size help.
+
+Works on CACHED Block A trunk features, so a study of many map forms costs one backbone pass:
+
+    python bench/levers.py cache --data ../shared/data/mtd --out runs/levers/mtd
+    python bench/levers.py study --cache runs/levers/mtd --epochs 10 --levels 4 --noise 0.5 \\
+        --out bench/results/levers-mtd-l4.json
+    python bench/levers.py study --cache runs/levers/mtd --epochs 10 --levels 2 --dim 128 \\
+        --bottleneck 64 --out bench/results/levers-mtd-l2.json
+
+``study`` trains Block C alone (the project's `HaloAutoEncoder`, MSE on standardised
+aggregated features, Gaussian input noise ``--noise``, dropout ``--drop``) on the good training
+images minus a seeded holdout, then scores the test set with every map form, with the project's
+functions (`error_map`, `smooth`, `upsample`, `PositionGaussian`):
+
+- ``mse``: the paper's channel mean of squared error; ``+pos``: normalised per position with
+  the held-out images' maps;
+- ``gauss-dD-kK``: position-wise Gaussian of training residuals, D channels, K least-variance
+  directions (K = D: full Mahalanobis);
+- ``padim-agg`` / ``padim-raw``: PaDiM on the same aggregated / raw features (reference rows).
+
+It prints and writes one row per form: image / pixel AUROC, AUPRO@0.3, per-class AUROC.
+Research tool: the numbers go to docs/benchmarks.md, the shipped model is configured in
+configs/model/edge.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def cache(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from haloae.train.config import load_model_config
+    from haloae.train.data import find_mvtec_samples, read_image, read_mask, to_model_input
+    from haloae.train.torch_model import create_model
+
+    torch.set_num_threads(args.threads)
+    model = create_model(load_model_config(args.model)).eval()
+    hw = model.cfg.hw
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        samples = find_mvtec_samples(args.data, split)
+        feats = []
+        with torch.inference_mode():
+            for lo in tqdm(range(0, len(samples), 16), desc=split, unit="batch"):
+                x = np.stack([to_model_input(read_image(s.path), hw) for s in samples[lo:lo + 16]])
+                feats.append(model.backbone.multiscale(torch.from_numpy(x)).half())
+        torch.save({"features": torch.cat(feats), "labels": [s.label for s in samples],
+                    "classes": [s.defect_class for s in samples],
+                    "masks": (np.stack([read_mask(s.mask_path, hw) if s.mask_path else
+                                        np.zeros(hw, np.float32) for s in samples]).astype(np.uint8)
+                              if split == "test" else None),
+                    "model": args.model}, args.out / f"{split}.pt")
+    print(f"cached trunk features in {args.out}")
+    return 0
+
+
+def _evaluate(name, grid, test, cfg, rows):
+    from haloae.train import metrics
+    from haloae.train.anomaly_map import smooth, upsample
+
+    maps = upsample(smooth(grid.float(), cfg.map, cfg.hw), cfg.hw)[:, 0].numpy()
+    y, classes = np.array(test["labels"]), np.array(test["classes"])
+    s = maps.reshape(len(maps), -1).max(1)
+    r = {"form": name, "image_auroc": metrics.auroc(y, s),
+         "pixel_auroc": metrics.pixel_auroc(test["masks"], maps),
+         "aupro": metrics.aupro(test["masks"], maps, 0.3)}
+    for c in sorted(set(classes) - {"good"}):
+        sel = (classes == "good") | (classes == c)
+        r[c] = metrics.auroc(y[sel], s[sel])
+    rows.append(r)
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v) for k, v in r.items()),
+          flush=True)
+
+
+def study(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from haloae.train.anomaly_map import error_map
+    from haloae.train.config import load_model_config
+    from haloae.train.position_gaussian import PositionGaussian
+    from haloae.train.torch_model import HaloAutoEncoder
+    from peers import Padim
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    train, test = torch.load(args.cache / "train.pt"), torch.load(args.cache / "test.pt")
+    d = load_model_config(train["model"]).to_dict()
+    d["halo"].update(levels=args.levels, dim=args.dim, bottleneck_dim=args.bottleneck)
+    from haloae.train.config import ModelCfg
+    cfg = ModelCfg.from_dict(d)
+    k = cfg.backbone.aggregate
+
+    def agg(f):
+        return F.avg_pool2d(f.float(), k, 1, k // 2, count_include_pad=False)
+
+    raw_tr, raw_te = train["features"].float(), test["features"].float()
+    perm = torch.randperm(len(raw_tr), generator=torch.Generator().manual_seed(args.seed))
+    n_hold = round(args.holdout * len(raw_tr))
+    tr, ho, te = agg(raw_tr[perm[n_hold:]]), agg(raw_tr[perm[:n_hold]]), agg(raw_te)
+    mu, sd = tr.mean((0, 2, 3), keepdim=True), tr.std((0, 2, 3), keepdim=True) + 1e-6
+    tr, ho, te = (tr - mu) / sd, (ho - mu) / sd, (te - mu) / sd
+    ae = HaloAutoEncoder(tr.shape[1], cfg.level_sides(), cfg.level_blocks(), cfg.halo)
+    opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, weight_decay=1e-5)
+    steps = args.epochs * (len(tr) // args.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(steps, 1),
+                                                pct_start=0.05)
+    t0 = time.time()
+    for ep in range(args.epochs):
+        ae.train()
+        order, total = torch.randperm(len(tr)), 0.0
+        for i in range(0, len(tr) - args.batch + 1, args.batch):
+            y = tr[order[i:i + args.batch]]
+            x = y + args.noise * torch.randn_like(y) if args.noise > 0 else y
+            x = F.dropout(x, args.drop) if args.drop > 0 else x
+            loss = F.mse_loss(ae(x), y)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ae.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            total += loss.item()
+        print(f"epoch {ep + 1}: loss {total / max(len(tr) // args.batch, 1):.4f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    ae.eval()
+
+    def rec(f):
+        with torch.no_grad():
+            return torch.cat([ae(f[i:i + 32]) for i in range(0, len(f), 32)])
+
+    r_tr, r_ho, r_te = tr - rec(tr), ho - rec(ho), te - rec(te)
+    rows: list[dict] = []
+
+    def posnorm(e_ho, e_te):
+        m, s = e_ho.mean(0, keepdim=True), e_ho.std(0, keepdim=True)
+        return (e_te - m) / s.clamp_min(0.1 * float(s.mean()))
+
+    mse_cfg = dataclasses.replace(cfg.map, error="mse")
+    mse = lambda f, r: error_map(f, f - r, mse_cfg)  # noqa: E731
+    _evaluate("mse", mse(te, r_te), test, cfg, rows)
+    _evaluate("mse+pos", posnorm(mse(ho, r_ho), mse(te, r_te)), test, cfg, rows)
+    for dims, rank in [(0, 0), (100, 100), (100, 32), (0, 64), (0, 96)]:
+        g = PositionGaussian(tr.shape[1], cfg.backbone.grid_hw, dims, rank, eps=0.01)
+        g.fit([r_tr])
+        name = f"gauss-d{g.dims}-k{g.rank}"
+        _evaluate(name, g(r_te), test, cfg, rows)
+        _evaluate(name + "+pos", posnorm(g(r_ho), g(r_te)), test, cfg, rows)
+    full_tr = agg(raw_tr)
+    _evaluate("padim-agg", Padim(100).fit((full_tr - mu) / sd).predict(te), test, cfg, rows)
+    _evaluate("padim-raw", Padim(100).fit(raw_tr).predict(raw_te), test, cfg, rows)
+    out = {"args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+           "residual_var": {"train": float(r_tr.pow(2).mean()), "holdout": float(r_ho.pow(2).mean())},
+           "rows": rows, "date": time.strftime("%Y-%m-%d")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cache", help="cache trunk features of an MVTec-layout set")
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--model", default="edge", help="model config (its backbone and input size)")
+    c.add_argument("--threads", type=int, default=2)
+    c.set_defaults(func=cache)
+    s = sub.add_parser("study", help="train Block C on the cache and score every map form")
+    s.add_argument("--cache", type=Path, required=True)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--levels", type=int, default=4)
+    s.add_argument("--dim", type=int, default=96)
+    s.add_argument("--bottleneck", type=int, default=96)
+    s.add_argument("--noise", type=float, default=0.0, help="Gaussian input noise (std units)")
+    s.add_argument("--drop", type=float, default=0.0, help="input dropout")
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--holdout", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--out", type=Path, required=True)
+    s.set_defaults(func=study)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The calibration module, the position-wise Gaussian, feature standardisation and the
+held-out calibration rule: buffers that travel with the weights, maths against a naive
+reference, normalisation before the score, and honest warnings."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from haloae.train.calibrate import calibrate, min_normals, thresholds_from_scores
+from haloae.train.checkpoint import load_checkpoint, save_checkpoint
+from haloae.train.config import load_model_config
+from haloae.train.fit_stats import fit_standardization, split_calibration
+from haloae.train.inference import HaloAEInference, grid_error, raw_outputs
+from haloae.train.anomaly_map import image_score, upsample
+from haloae.train.position_gaussian import PositionGaussian
+from haloae.train.torch_model import create_model
+
+
+@pytest.fixture(scope="module")
+def tiny(fit_untrained):
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny"))
+    cal = fit_untrained(model)
+    return model, cal
+
+
+def test_calibration_buffers_ride_in_the_checkpoint(tiny, tmp_path):
+    model, cal = tiny
+    path = save_checkpoint(tmp_path / "m.pt", model, cal, {"epochs": 0})
+    loaded, ckpt = load_checkpoint(path)
+    sd = ckpt["state_dict"]
+    for key in ("calibration.pos_mean", "calibration.pos_std", "calibration.image_threshold",
+                "calibration.pixel_threshold", "gaussian.mean", "gaussian.proj",
+                "backbone.feat_mean", "backbone.feat_std"):
+        assert key in sd, key
+        torch.testing.assert_close(loaded.state_dict()[key], model.state_dict()[key])
+    assert float(loaded.calibration.image_threshold) == pytest.approx(cal["image_threshold"])
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        a, b = HaloAEInference(model)(x), HaloAEInference(loaded)(x)
+    torch.testing.assert_close(a, b)
+    assert torch.isfinite(a[0]).all() and not torch.allclose(a[1], torch.zeros_like(a[1]))
+
+
+def test_unfitted_model_is_refused():
+    model = create_model(load_model_config("tiny"), pretrained=False)
+    with pytest.raises(ValueError, match="never fitted|no calibrated thresholds"):
+        HaloAEInference(model)
+
+
+def test_position_normalisation_comes_before_the_score(tiny):
+    model, _ = tiny
+    x = torch.rand(3, 3, 128, 128)
+    with torch.no_grad():
+        g = grid_error(model, x)  # [3, 1, 16, 16] smoothed, before normalisation
+        mean, std = torch.zeros(16, 16), torch.ones(16, 16)
+        hot = divmod(int(g[0, 0].argmax()), 16)  # the place that sets image 0's raw score
+        mean[hot], std[hot] = float(g[0, 0].max()), 100.0  # ... is always rough on normals
+        saved = model.calibration.pos_mean.clone(), model.calibration.pos_std.clone()
+        try:
+            model.calibration.set_position_stats(mean, std)
+            score, amap = raw_outputs(model, x)
+            want = image_score(upsample((g - model.calibration.pos_mean)
+                                        / model.calibration.pos_std, (128, 128)), model.cfg.map)
+        finally:
+            model.calibration.set_position_stats(*saved)
+    torch.testing.assert_close(score, want)
+    assert divmod(int(amap[0, 0].argmax()), 128) != (hot[0] * 8 + 4, hot[1] * 8 + 4)
+    assert score[0] < g[0].max()  # the rough place no longer sets the score
+
+
+def _naive_minor_distance(res: np.ndarray, test: np.ndarray, rank: int, eps: float):
+    """Reference: per position, eigenvectors of the covariance, RMS whitened distance in the
+    ``rank`` least-variance directions."""
+    n, c, h, w = res.shape
+    out = np.zeros((test.shape[0], h, w))
+    for i in range(h):
+        for j in range(w):
+            x = res[:, :, i, j].astype(np.float64)
+            mu = x.mean(0)
+            cov = np.cov(x, rowvar=False) + eps * np.eye(c)
+            ev, vec = np.linalg.eigh(cov)
+            z = (test[:, :, i, j] - mu) @ vec[:, :rank] / np.sqrt(ev[:rank])
+            out[:, i, j] = np.sqrt((z ** 2).mean(1))
+    return out
+
+
+@pytest.mark.parametrize("rank", [3, 0])
+def test_position_gaussian_matches_naive_reference(rank):
+    gen = torch.Generator().manual_seed(1)
+    res = torch.randn(40, 6, 4, 5, generator=gen)
+    res[:, 0] *= 3.0
+    res[:, 1] = res[:, 0] * 0.5 + 0.1 * res[:, 1]  # correlated channels
+    test = torch.randn(7, 6, 4, 5, generator=gen) * 2
+    g = PositionGaussian(6, (4, 5), rank=rank, eps=0.01)
+    info = g.fit([res[:25], res[25:]])  # chunked fit == one pass
+    assert info["images"] == 40 and info["rank"] == (rank or 6)
+    want = _naive_minor_distance(res.numpy(), test.numpy(), rank or 6, 0.01)
+    np.testing.assert_allclose(g(test)[:, 0].numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_position_gaussian_channel_subset_is_fixed_and_sorted():
+    a, b = PositionGaussian(20, (2, 2), dims=8), PositionGaussian(20, (2, 2), dims=8)
+    assert torch.equal(a.index, b.index) and len(a.index) == 8
+    assert torch.all(a.index[1:] > a.index[:-1])
+
+
+def test_feature_standardisation_from_training_images():
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny"))
+    images = (torch.rand(5, 3, 128, 128) * 255).to(torch.uint8)
+    with torch.no_grad():
+        raw = model.extract(images.float() / 255)  # identity before fitting
+    cache = fit_standardization(model, images, raw.clone(), torch.device("cpu"))
+    with torch.no_grad():
+        again = model.extract(images.float() / 255)
+    torch.testing.assert_close(cache, again, atol=1e-5, rtol=1e-5)
+    mean, std = again.mean(dim=(0, 2, 3)), again.std(dim=(0, 2, 3))
+    assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 0.01
+    torch.testing.assert_close(model.backbone.feat_mean.flatten(), raw.mean(dim=(0, 2, 3)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_min_normals_rule():
+    assert min_normals(0.95) == 60 and min_normals(0.99) == 300 and min_normals(0.5) == 50
+    cal = thresholds_from_scores(np.arange(70.0), None, image_quantile=0.95)
+    assert cal["reliable"] and cal["threshold_images"] == 70
+    assert cal["promised_false_positive_rate"] == pytest.approx(0.05)
+    cal = thresholds_from_scores(np.arange(20.0), None, image_quantile=0.99)
+    assert not cal["reliable"] and cal["images_needed"] == 300
+
+
+def test_unreliable_threshold_is_logged(tiny, caplog):
+    model, _ = tiny
+    x = torch.rand(3, 3, 128, 128)
+    saved = {k: v.clone() for k, v in model.calibration.state_dict().items()}
+    try:
+        with caplog.at_level(logging.WARNING, logger="haloae.train.calibrate"):
+            cal = calibrate(model, [x], image_quantile=0.99, position_loader=[x])
+    finally:
+        model.calibration.load_state_dict(saved)
+    assert not cal["reliable"]
+    assert any("UNRELIABLE" in r.message and "300" in r.message for r in caplog.records)
+
+
+def test_split_calibration_is_disjoint_and_seeded():
+    items = list(range(11))
+    a, b = split_calibration(items, True, seed=3)
+    assert sorted(a + b) == items and not set(a) & set(b) and len(a) == 5
+    assert (a, b) == split_calibration(items, True, seed=3)
+    pos, thr = split_calibration(items, False)
+    assert pos == [] and sorted(thr) == items
+    with pytest.raises(ValueError, match="at least 4"):
+        split_calibration([1, 2, 3], True)

@@ -1,0 +1,75 @@
+"""Calibration of HaloAE outputs as a module with buffers (after anomalib's ``PostProcessor``).
+
+Everything that is fitted on HELD-OUT normal images lives here as registered buffers, so it is
+saved in the checkpoint's state dict and traced into the exported graph:
+
+- ``pos_mean``, ``pos_std`` [1, 1, gh, gw]: position-wise normalisation of the smoothed grid
+  error map, ``(e - mean) / std`` (``map.position_norm``); applied BEFORE the image score is
+  taken, so a place that is always rough on normal parts (a tile corner) does not set the
+  score;
+- ``image_threshold``, ``pixel_threshold``: quantiles of held-out normal image scores / map
+  pixels in raw units; `normalize` divides by them so both thresholds sit at 0.5 in the
+  outputs (linear, monotone, never clipped).
+
+`train/calibrate.py` computes the values; this module only holds and applies them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+THRESHOLD_TARGET = 0.5  # both thresholds sit here in the normalised outputs
+POS_STD_FLOOR = 0.1  # pos_std >= this fraction of its mean: no position divides by ~0
+
+
+class CalibrationError(ValueError):
+    """A calibration value is missing, non-finite or not > 0."""
+
+
+class Calibration(nn.Module):
+    """Buffers fitted on held-out normal images (see module doc)."""
+
+    def __init__(self, grid_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("pos_mean", torch.zeros(1, 1, *grid_hw))
+        self.register_buffer("pos_std", torch.ones(1, 1, *grid_hw))
+        self.register_buffer("image_threshold", torch.ones(()))
+        self.register_buffer("pixel_threshold", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("position_fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_position_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-position mean / std [gh, gw] of smoothed held-out normal grid maps."""
+        std = std.reshape(self.pos_std.shape).float()
+        std = std.clamp_min(POS_STD_FLOOR * float(std.mean()) + 1e-12)
+        self.pos_mean.copy_(mean.reshape(self.pos_mean.shape).float())
+        self.pos_std.copy_(std)
+        self.position_fitted.fill_(True)
+
+    @torch.no_grad()
+    def set_thresholds(self, image: float, pixel: float) -> None:
+        for name, v in (("image", image), ("pixel", pixel)):
+            if not math.isfinite(v) or v <= 0:
+                raise CalibrationError(
+                    f"{name} threshold {v}: thresholds must be finite and > 0; the held-out "
+                    "normal images gave no usable scores (check the data and the run's loss)")
+        self.image_threshold.fill_(float(image))
+        self.pixel_threshold.fill_(float(pixel))
+        self.fitted.fill_(True)
+
+    def position_normalize(self, err: torch.Tensor) -> torch.Tensor:
+        """[N, 1, gh, gw] grid map -> position-normalised map (identity until fitted)."""
+        return (err - self.pos_mean) / self.pos_std
+
+    def normalize(self, score: torch.Tensor, amap: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw ``(score [N], map [N, 1, H, W])`` -> outputs with both thresholds at 0.5."""
+        return (score * (THRESHOLD_TARGET / self.image_threshold),
+                amap * (THRESHOLD_TARGET / self.pixel_threshold))
+
+    def thresholds(self) -> dict[str, float]:
+        return {"image_threshold": float(self.image_threshold),
+                "pixel_threshold": float(self.pixel_threshold)}

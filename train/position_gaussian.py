@@ -1,0 +1,112 @@
+"""Position-wise Gaussian of HaloAE reconstruction residuals (``map.error: gaussian``).
+
+The paper's anomaly map (Mathian et al., arXiv 2208.03486) is the channel mean of the squared
+reconstruction error, which weighs every feature direction alike. Normal residuals are far
+from isotropic and differ from place to place on an aligned part (a tile edge, a chamfer, a
+print), so this module models them per grid position, as PaDiM does for raw features (Defard
+et al., arXiv 2011.08785): mean and covariance of the residual ``r = F - F_hat`` of the normal
+training images at every position. The error of a new residual is its distance in the
+``rank`` directions of LEAST normal variance (Rippel et al., "Modeling the Distribution of
+Normal Data in Pre-Trained Deep Features for Anomaly Detection", arXiv 2005.14140, found that
+these carry the anomaly signal; they also make the head cheaper): with the eigenvectors
+``v_j`` and eigenvalues ``l_j`` of the covariance (ascending),
+
+    e(p) = sqrt( mean_{j < rank} ((r_p - mu_p) . v_j)^2 / l_j ).
+
+All statistics are registered buffers (checkpoint state dict and exported graph). Export:
+Gather (channel subset), Reshape, Transpose, Sub, batched MatMul [P, N, d] x [P, d, k], Mul,
+ReduceSum, Sqrt - static shapes, TensorRT-common. The projection is pre-scaled so that the
+sum of squares stays far below the fp16 maximum.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .config import ModelCfg
+
+_LOG = logging.getLogger(__name__)
+
+FP16_SCALE = 16.0  # z / FP16_SCALE is squared: fp16-safe up to |z| ~ 4000 per direction
+
+
+class PositionGaussian(nn.Module):
+    """Residual [N, C, gh, gw] -> error [N, 1, gh, gw] (see module doc); `fit` it first."""
+
+    def __init__(self, channels: int, grid_hw: tuple[int, int], dims: int = 0, rank: int = 0,
+                 eps: float = 0.01, seed: int = 0) -> None:
+        super().__init__()
+        d = channels if dims <= 0 else min(dims, channels)
+        k = d if rank <= 0 else min(rank, d)
+        self.grid_hw, self.channels, self.dims, self.rank, self.eps = grid_hw, channels, d, k, eps
+        p = grid_hw[0] * grid_hw[1]
+        gen = torch.Generator().manual_seed(seed)
+        index = torch.arange(channels) if d == channels else \
+            torch.randperm(channels, generator=gen)[:d].sort().values
+        self.subset = d != channels
+        self.register_buffer("index", index)
+        self.register_buffer("mean", torch.zeros(p, 1, d))
+        self.register_buffer("proj", torch.zeros(p, d, k))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @classmethod
+    def for_config(cls, channels: int, cfg: ModelCfg) -> "PositionGaussian":
+        m = cfg.map
+        return cls(channels, cfg.backbone.grid_hw, m.gaussian_channels, m.gaussian_rank,
+                   m.gaussian_eps)
+
+    def _positions(self, r: torch.Tensor) -> torch.Tensor:
+        """[N, C, gh, gw] -> [P, N, d] (the channel subset at every position)."""
+        if self.subset:
+            r = r.index_select(1, self.index)  # N, d, gh, gw
+        n = r.shape[0]
+        return r.reshape(n, self.dims, -1).permute(2, 0, 1)  # P, N, d
+
+    @torch.no_grad()
+    def fit(self, residuals: Iterable[torch.Tensor]) -> dict:
+        """Fit on batches of normal residuals [B, C, gh, gw] (float64 sums, chunked); returns
+        a summary {images, dims, rank, min_eigenvalue, kept_variance}."""
+        n, s1, s2 = 0, None, None
+        for r in residuals:
+            x = self._positions(r.detach().to("cpu", torch.float64))  # P, B, d
+            s1 = x.sum(1) if s1 is None else s1 + x.sum(1)  # P, d
+            xx = x.transpose(1, 2) @ x  # P, d, d
+            s2 = xx if s2 is None else s2 + xx
+            n += x.shape[1]
+        if n < 2:
+            raise ValueError(f"the position-wise Gaussian needs at least 2 normal images, got {n}")
+        mean = s1 / n  # P, d
+        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        cov += self.eps * torch.eye(self.dims, dtype=cov.dtype)
+        evals, evecs = torch.linalg.eigh(cov)  # ascending: the least-variance directions first
+        evals, evecs = evals[:, : self.rank], evecs[:, :, : self.rank]
+        proj = evecs / evals.clamp_min(self.eps).sqrt()[:, None, :]  # P, d, k: whitening
+        proj = proj / (self.rank ** 0.5 * FP16_SCALE)  # sum of squares = mean / FP16_SCALE^2
+        self.mean.copy_(mean[:, None, :].float())
+        self.proj.copy_(proj.float())
+        self.fitted.fill_(True)
+        total = torch.diagonal(cov, dim1=1, dim2=2).sum(1)
+        info = {"images": n, "dims": self.dims, "rank": self.rank,
+                "min_eigenvalue": float(evals[:, 0].min()),
+                "kept_variance": float((evals.sum(1) / total).mean())}
+        _LOG.info("position-wise Gaussian on %d normal images: %d of %d channels, %d least-"
+                  "variance directions (%.1f %% of the residual variance)", n, self.dims,
+                  self.channels, self.rank, 100 * info["kept_variance"])
+        return info
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        n = residual.shape[0]
+        x = self._positions(residual) - self.mean  # P, N, d
+        z = torch.matmul(x, self.proj)  # P, N, k (scaled whitened coordinates)
+        e = z.pow(2).sum(dim=2).sqrt() * FP16_SCALE  # P, N: RMS Mahalanobis over k directions
+        return e.transpose(0, 1).reshape(n, 1, *self.grid_hw)  # N, 1, gh, gw
+
+
+def check_fitted(gaussian: Optional[PositionGaussian], source: str) -> None:
+    """Raise a clear error when a model with ``map.error: gaussian`` was never fitted."""
+    if gaussian is not None and not bool(gaussian.fitted):
+        raise ValueError(f"{source}: the position-wise Gaussian of map.error=gaussian was never "
+                         "fitted; use the final.pt of a finished haloae-train run")
