@@ -22,7 +22,7 @@ from .config_base import Strict as _Strict
 from .config_base import check_credential_name, check_env_name, secret
 from .config_surface import DriftConfig, HomeAssistantConfig, HttpConfig, http_password_problem
 from .yaml_file import read_yaml
-from .zones import IgnoreZones, ZonesError, load_zones
+from .zones import IgnoreZones, ZonesError, load_zones, parse_zones
 
 EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
 _HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
@@ -67,6 +67,19 @@ class CameraConfig(_Strict):
     @classmethod
     def _check_id(cls, v: str) -> str:
         return check_identifier(v, "the camera id")
+
+    @field_validator("ignore_zones", mode="before")
+    @classmethod
+    def _check_zones(cls, v):
+        """A mapping is validated here (one message with its key path), a string names a file."""
+        if isinstance(v, dict):
+            try:
+                return parse_zones(v, "ignore zones")
+            except ZonesError as err:
+                raise ValueError(str(err).removeprefix("ignore zones: ")) from None
+        if isinstance(v, str):
+            return Path(v)
+        return v
 
     @field_validator("source")
     @classmethod

@@ -70,11 +70,15 @@ def _caption(img: np.ndarray, r) -> None:
     verdict = "DEFECT" if r.anomalous else "OK"
     stamp = time.strftime("%H:%M:%S", time.localtime(r.timestamp)) + f".{int((r.timestamp % 1) * 1000):03d}"
     text = f"{r.camera}  {stamp}  #{r.frame_id}  score {r.score:.3f} / {r.threshold:.2f}"
-    fs = 0.5 if img.shape[1] < 700 else 0.7
-    (tw, th), _ = cv2.getTextSize(text, FONT, fs, 1)
-    (vw, _), _ = cv2.getTextSize(verdict, FONT, fs, 2)
+    fs = 0.7
+    while True:  # the largest font at which text and verdict fit side by side
+        (tw, th), _ = cv2.getTextSize(text, FONT, fs, 1)
+        (vw, _), _ = cv2.getTextSize(verdict, FONT, fs, 2)
+        if tw + vw + 24 <= img.shape[1] or fs <= 0.3:
+            break
+        fs -= 0.05
     bar = th + 12
     img[:bar] = (img[:bar] * 0.3).astype(np.uint8)
     cv2.putText(img, text, (6, th + 5), FONT, fs, WHITE, 1, cv2.LINE_AA)
-    cv2.putText(img, verdict, (min(tw + 18, img.shape[1] - vw - 6), th + 5), FONT, fs,
+    cv2.putText(img, verdict, (img.shape[1] - vw - 8, th + 5), FONT, fs,
                 RED if r.anomalous else GREEN, 2, cv2.LINE_AA)

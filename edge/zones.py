@@ -227,6 +227,9 @@ def parse_zones(data: object, where: str = "ignore zones") -> IgnoreZones:
 def load_zones(path: str | Path) -> IgnoreZones:
     """Read and validate a zones YAML file; :class:`ZonesError` with one line on any problem."""
     path = Path(path)
+    if not path.is_file():
+        raise ZonesError(f"no ignore-zones file {path}; check the path (relative paths are relative to the config "
+                         "file)")
     try:
         data = read_yaml(path)
     except ValueError as err:
