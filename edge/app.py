@@ -64,8 +64,10 @@ class EdgeApp:
         self._status_lock = threading.Lock()
 
     # -- setup ------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Check sources, state folder and bundle; load the backend. Raises user errors."""
+    def prepare(self, serve: bool = True) -> None:
+        """Check sources, state folder and bundle; load the backend; bind the HTTP server unless
+        ``serve`` is False (``--validate-config`` beside a running daemon that holds the port).
+        Raises user errors."""
         for i, cam in enumerate(self.cfg.cameras):
             check_source(cam, i)
         try:
@@ -84,7 +86,7 @@ class EdgeApp:
         self.publisher = Publisher(self.cfg, self.cfg.state_dir, on_setting=self._on_setting)
         from .surface import Surface  # drift; live view / metrics only when configured
 
-        self.surface = Surface(self)
+        self.surface = Surface(self, bind=serve)
 
     def start(self) -> None:
         cfg = self.cfg

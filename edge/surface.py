@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Surface:
-    def __init__(self, app: "EdgeApp"):
+    def __init__(self, app: "EdgeApp", bind: bool = True):
         self.app, cfg = app, app.cfg
         self.drift = DriftMonitor(cfg.drift, app.manifest, [c.id for c in cfg.cameras])
         self.liveview = self.metrics = self.server = None
@@ -35,7 +35,7 @@ class Surface:
 
             self.metrics = Metrics(app)  # ConfigError without prometheus_client
             app.publisher.on_published = self.metrics.observe_published
-        if cfg.http.enabled:
+        if cfg.http.enabled and bind:
             from .http_server import HttpServer, Routes
 
             routes = Routes(cfg.http, [c.id for c in cfg.cameras], self.liveview, self.metrics, self.state,

@@ -3,9 +3,12 @@ Runtime, real mosquitto), the counters move with the frames; off by default: no 
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 
 import pytest
+from conftest import REPO
 from live_helpers import request, running_daemon, wait
 from toy_bundle import make_toy_bundle
 
@@ -54,6 +57,12 @@ def test_metrics_counters_move_with_the_frames(tmp_path, broker):
     assert second[cam("haloae_alarms_started_total")] >= 1
     assert second[("haloae_alarm_events_raised_total", ())] >= second[("haloae_alarm_events_delivered_total", ())] >= 1
     assert second[cam("haloae_score_drift")] == 0  # the toy bundle carries no calibration statistics
+    # the Grafana dashboard in docs/ asks only for series the daemon serves
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    served = {name for name, _ in second}
+    wanted = {m for e in exprs for m in re.findall(r"haloae_[a-z_]+", e)}
+    assert wanted and wanted <= served, wanted - served
 
 
 def test_off_by_default_no_server(tmp_path, broker):

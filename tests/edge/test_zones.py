@@ -159,3 +159,11 @@ def test_daemon_ignores_a_defect_inside_a_zone_and_eval_scores_the_same(tmp_path
     (tmp_path / "bad.yaml").write_text("size: [32, 32]\nborder_px: 16\n")
     assert eval_cli.main(["--bundle", str(tmp_path / "bundle"), "--data", str(data), "--out", str(tmp_path / "rep2"),
                           "--ignore-zones", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_the_example_zones_file_fits_the_example_camera():
+    from conftest import REPO
+
+    zones = load_zones(REPO / "configs" / "edge" / "zones" / "cam1.yaml")
+    example = yaml.safe_load((REPO / "configs" / "edge" / "one-camera.yaml").read_text())
+    assert list(zones.size) == example["cameras"][0]["roi"][2:]
