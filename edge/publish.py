@@ -205,13 +205,15 @@ class Publisher:
         if self._stopping:
             return
         deadline = time.monotonic() + timeout
-        self._stopping = True
         self.alarms.close_all("shutdown")
         for cam in self.cameras:
             self.set_alarm_state(cam, False)
         for s in list(self._last_status.values()):  # a clean stop: every camera offline, said why
             s.state, s.detail, s.since = "offline", "haloae-edge was stopped (clean stop)", time.time()
             self._submit(("retained", f"{self.prefix}/{s.camera}/status", self._status_doc(s, "stopped")))
+        with self._cv:  # only now: the encoder thread ends once drained, and these are queued before
+            self._stopping = True
+            self._cv.notify()
         if self._started:
             self._worker.join(max(0.1, 0.3 * timeout))  # alarms first, then the queued results
             with self._cv:

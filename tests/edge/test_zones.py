@@ -116,20 +116,24 @@ def _frames(folder, n, patch: bool):
 
 
 def _run_daemon(tmp_path, broker, zones):
-    cam = {"id": "cam0", "source": str(tmp_path / "frames"), "kind": "folder", "lossless": True}
+    """Results of a looping folder camera (results are live data: none before the MQTT connection)."""
+    cam = {"id": "cam0", "source": str(tmp_path / "frames"), "kind": "folder", "loop": True, "fps": 20}
     if zones:
         cam["ignore_zones"] = {"size": [32, 32], "polygons": [SQUARE]}
     cfg = edge_config(tmp_path, broker.port, cameras=[cam], model={"bundle": str(tmp_path / "bundle"), "threads": 1})
     sub = Subscriber(broker.port, ["haloae/n1/cam0/result"])
     sub.wait_subscribed()
-    app = EdgeApp(cfg, exit_when_done=True)
+    app = EdgeApp(cfg)
     app.prepare()
     t = threading.Thread(target=app.run)
     t.start()
-    t.join(60)
-    msgs = sub.wait_for(lambda m: len(m) >= 4)
-    sub.close()
-    return [json.loads(p) for _, p, _ in msgs]
+    try:
+        msgs = sub.wait_for(lambda m: len(m) >= 4, timeout=30)
+    finally:
+        app.request_stop()
+        t.join(10)
+        sub.close()
+    return [json.loads(p) for _, p, _ in msgs[:4]]
 
 
 def test_daemon_ignores_a_defect_inside_a_zone_and_eval_scores_the_same(tmp_path, broker):
