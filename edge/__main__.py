@@ -81,7 +81,7 @@ def run(argv: list[str] | None = None) -> int:
 
     app = EdgeApp(cfg, exit_when_done=args.exit_when_done, config_path=Path(args.config))
     try:
-        app.prepare()
+        app.prepare(serve=not args.validate_config)
     except OutboxError as e:
         return _fail("state", f"state_dir: {e}")
     except ConfigError as e:

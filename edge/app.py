@@ -64,8 +64,10 @@ class EdgeApp:
         self._status_lock = threading.Lock()
 
     # -- setup ------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Check sources, state folder and bundle; load the backend. Raises user errors."""
+    def prepare(self, serve: bool = True) -> None:
+        """Check sources, state folder and bundle; load the backend; bind the HTTP server unless
+        ``serve`` is False (``--validate-config`` beside a running daemon that holds the port).
+        Raises user errors."""
         for i, cam in enumerate(self.cfg.cameras):
             check_source(cam, i)
         try:
@@ -82,6 +84,9 @@ class EdgeApp:
         from .publish import Publisher  # paho & co. only once we really run
 
         self.publisher = Publisher(self.cfg, self.cfg.state_dir, on_setting=self._on_setting)
+        from .surface import Surface  # drift; live view / metrics only when configured
+
+        self.surface = Surface(self, bind=serve)
 
     def start(self) -> None:
         cfg = self.cfg
@@ -89,7 +94,7 @@ class EdgeApp:
         self.ctx = zmq.Context()
         self.frames = LatestFrames({c.id: c.lossless for c in cfg.cameras}, self.ctx, self.endpoint).start()
         self.inference = InferenceWorker(self.backend, self.manifest, self.model_id, self.frames,
-                                         self.publisher.publish_result, self.stats, cfg.cameras,
+                                         self._on_result, self.stats, cfg.cameras,
                                          cfg.model.batch_size, on_scored=self._on_scored)
         self.inference.start()
         self.publisher.start()  # settings may arrive from here on: the inference worker exists
@@ -98,6 +103,7 @@ class EdgeApp:
             w.start()
         for cam in cfg.cameras:
             self.publisher.set_state(cam.id, "threshold", self.inference.threshold(cam.id))
+        self.surface.start()
         log.info("haloae-edge %s: %d camera(s), %s, model %s", cfg.node, len(cfg.cameras),
                  self.backend.description, self.model_id)
 
@@ -105,6 +111,11 @@ class EdgeApp:
         return CaptureWorker(cam, self.cfg.health, self.ctx, self.endpoint, self._on_status, cam.lossless)
 
     # -- callbacks (other threads) -----------------------------------------------------------
+    def _on_result(self, r) -> None:
+        """From the inference thread: every inspected frame."""
+        self.publisher.publish_result(r)
+        self.surface.observe(r)
+
     def _on_status(self, status: CameraStatus) -> None:
         """From a capture thread: queue it; the main loop publishes it in order (see below)."""
         with self._status_lock:
@@ -221,7 +232,7 @@ class EdgeApp:
             return "the inference thread ended unexpectedly"
         if not self.frames.is_alive():
             return "the frame collector thread died"
-        for name, alive in self.publisher.threads_alive().items():
+        for name, alive in {**self.publisher.threads_alive(), **self.surface.threads_alive()}.items():
             if not alive:
                 return f"the {name} thread died"
         for cam, w in list(self.captures.items()):
@@ -256,7 +267,8 @@ class EdgeApp:
 
     def capture_stats(self) -> dict[str, dict]:
         return {cam: {"state": w.state, "frames": w.frames, "dropped": self.frames.dropped(cam),
-                      "errors": w.errors, "queue_depth": self.frames.depth(cam)}
+                      "errors": w.errors, "queue_depth": self.frames.depth(cam),
+                      "drift": self.surface.drift.snapshot(cam)}
                 for cam, w in self.captures.items()}
 
     def publish_stats(self) -> None:
@@ -295,7 +307,11 @@ class EdgeApp:
             for old, new in zip(self.cfg.cameras, cfg.cameras):
                 old.threshold = new.threshold
             self.inference.set_camera_thresholds({c.id: c.threshold for c in cfg.cameras})
+            for old, new in zip(self.cfg.cameras, cfg.cameras):
+                old.ignore_zones = new.ignore_zones
+            self.inference.set_zones(self.cfg.cameras)
         self.backend = model.backend
+        self.surface.drift.set_manifest(model.manifest)
         for cam in self.cfg.cameras:
             self.publisher.set_state(cam.id, "threshold", self.inference.threshold(cam.id))
         log.info("reloaded: model %s on %s", model.model_id, model.backend.description)
@@ -320,6 +336,7 @@ class EdgeApp:
             w.join(max(0.0, 0.5 - (time.monotonic() - t0)))
         self.inference.join(max(0.1, 1.0 - (time.monotonic() - t0)))
         self.frames.stop(0.2)
+        self.surface.stop()
         self._flush_statuses(force=True)
         self.publisher.stop(timeout=max(0.5, 2.5 - (time.monotonic() - t0)))
         log.info("stopped in %.2f s", time.monotonic() - t0)

@@ -216,13 +216,16 @@ class SyntheticSource(_Source):
 
     rgb = True
 
-    def __init__(self, seed: int, defect_every: int, size: int = 256):
+    def __init__(self, seed: int, defect_every: int, size: int = 256, lighting: float = 1.0, lighting_from: int = 0):
         self.sim = LineSimulator(size=size, seed=seed, defect_every=defect_every)
         self.index = 0
+        self.lighting, self.lighting_from = lighting, lighting_from
 
     def read(self) -> np.ndarray:
         self.arrived = time.time()
         rgb, _ = self.sim.frame(self.index)
+        if self.lighting != 1.0 and self.index >= self.lighting_from:  # a dimmed (or brighter) lamp
+            rgb = cv2.convertScaleAbs(rgb, alpha=self.lighting)
         self.index += 1
         return rgb
 
@@ -230,7 +233,7 @@ class SyntheticSource(_Source):
 def make_source(cam: CameraConfig) -> _Source:
     kind = source_kind(cam)
     if kind == "synthetic":
-        return SyntheticSource(cam.seed, cam.defect_every)
+        return SyntheticSource(cam.seed, cam.defect_every, lighting=cam.lighting, lighting_from=cam.lighting_from_frame)
     if kind == "folder":
         return FolderSource(cam.source, cam.loop)
     return VideoSource(kind, cam.source, cam.loop)
@@ -272,6 +275,7 @@ class CaptureWorker(threading.Thread):
         self.errors = 0  # bad frames skipped
         self.last_error = ""  # why the last bad frame was skipped
         self.next_id = 0  # id of the next frame read (bad frames use up ids too)
+        self.last_raw: tuple[np.ndarray, bool] | None = None  # last source frame (with a roi), is_rgb
         self.state, self.detail = "starting", ""
         self.last_frame = time.monotonic()  # monotonic time of the last good frame
         self._since = time.time()
@@ -369,6 +373,8 @@ class CaptureWorker(threading.Thread):
                     raise SourceLost(f"{bad} bad frames in a row (last: {e})") from None
                 continue
             expected = expected or raw.shape[:2]
+            if self.cam.roi is not None:
+                self.last_raw = (raw, source.rgb)  # a reference, no copy: the live view shows the ROI in it
             bad, self._delivered = 0, True
             self.last_frame = time.monotonic()
             capture_ms = (time.time() - source.arrived) * 1000.0

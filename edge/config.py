@@ -14,14 +14,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
 from haloae.validate import check_client_id, check_identifier, check_prefix, check_threshold, mqtt_text_problem
 
+from .config_base import Strict as _Strict
+from .config_base import check_credential_name, check_env_name, secret
+from .config_surface import DriftConfig, HomeAssistantConfig, HttpConfig, http_password_problem
 from .yaml_file import read_yaml
+from .zones import IgnoreZones, ZonesError, load_zones, parse_zones
 
 EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
 Roi = Annotated[tuple[StrictInt, ...], Field(strict=False)]
 _NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
@@ -29,13 +32,6 @@ _NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says where and what to do."""
-
-
-class _Strict(BaseModel):
-    """Unknown keys refused; no type juggling (``"5"`` is not a number, ``true`` not 1, ``"1_0"`` not
-    10); no NaN or infinity anywhere."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 def _ordered(low: float, high: float, low_name: str, high_name: str) -> None:
@@ -59,11 +55,31 @@ class CameraConfig(_Strict):
                                     "(normalised units; default from the bundle: 0.5)")
     seed: int = Field(0, description="synthetic source only: seed of the simulated line")
     defect_every: int = Field(3, ge=0, description="synthetic source only: every n-th run of frames is defective (0 = never)")
+    lighting: float = Field(1.0, gt=0, le=4, description="synthetic source only: brightness gain of the simulated "
+                            "lighting (1 = as in the training data), from frame lighting_from_frame on")
+    lighting_from_frame: int = Field(0, ge=0, description="synthetic source only: first frame lit with `lighting` "
+                                     "(earlier frames: 1); simulates a lamp that dims")
+    ignore_zones: IgnoreZones | Annotated[Path, Field(strict=False)] | None = Field(
+        None, description="polygons (frame pixels, after roi) and border_px whose anomalies are ignored: a YAML "
+        "file (relative to this config; the same file haloae-eval --ignore-zones takes) or the mapping itself")
 
     @field_validator("id")
     @classmethod
     def _check_id(cls, v: str) -> str:
         return check_identifier(v, "the camera id")
+
+    @field_validator("ignore_zones", mode="before")
+    @classmethod
+    def _check_zones(cls, v):
+        """A mapping is validated here (one message with its key path), a string names a file."""
+        if isinstance(v, dict):
+            try:
+                return parse_zones(v, "ignore zones")
+            except ZonesError as err:
+                raise ValueError(str(err).removeprefix("ignore zones: ")) from None
+        if isinstance(v, str):
+            return Path(v)
+        return v
 
     @field_validator("source")
     @classmethod
@@ -149,16 +165,12 @@ class MqttConfig(_Strict):
     @field_validator("password_env")
     @classmethod
     def _check_env(cls, v: str) -> str:
-        if _ENV_NAME.fullmatch(v) is None:
-            raise ValueError(f"{v!r} is not an environment variable name (letters, digits, '_')")
-        return v
+        return check_env_name(v)
 
     @field_validator("password_credential")
     @classmethod
     def _check_credential(cls, v: str) -> str:
-        if not v or "/" in v or v in (".", "..") or mqtt_text_problem(v):
-            raise ValueError(f"{v!r} is not a file name in $CREDENTIALS_DIRECTORY")
-        return v
+        return check_credential_name(v, mqtt_text_problem(v))
 
     @model_validator(mode="after")
     def _backoff_order(self):
@@ -167,12 +179,7 @@ class MqttConfig(_Strict):
 
     def password(self) -> str | None:
         """The password from the environment or the systemd credential; never from YAML."""
-        if os.environ.get(self.password_env):
-            return os.environ[self.password_env]
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if cred_dir and (Path(cred_dir) / self.password_credential).is_file():
-            return (Path(cred_dir) / self.password_credential).read_text().strip()
-        return None
+        return secret(self.password_env, self.password_credential)
 
 
 class PublishConfig(_Strict):
@@ -240,6 +247,9 @@ class EdgeConfig(_Strict):
     alarms: AlarmConfig = AlarmConfig()
     evidence: EvidenceConfig = EvidenceConfig()
     health: HealthConfig = HealthConfig()
+    http: HttpConfig = HttpConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    drift: DriftConfig = DriftConfig()
 
     @field_validator("node")
     @classmethod
@@ -299,13 +309,31 @@ def parse_config(data: dict, base_dir: Path | None = None) -> EdgeConfig:
         raise ConfigError(_format_error(err)) from None
     if base_dir is not None:
         _resolve_paths(cfg, base_dir)
+    _load_zones(cfg)
     return cfg
+
+
+def _load_zones(cfg: EdgeConfig) -> None:
+    """Read the cameras' ignore-zone files; check the zones against the roi size."""
+    for i, cam in enumerate(cfg.cameras):
+        where = f"cameras.{i}.ignore_zones"
+        try:
+            if isinstance(cam.ignore_zones, Path):
+                cam.ignore_zones = load_zones(cam.ignore_zones)
+        except ZonesError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if cam.ignore_zones is not None and cam.roi is not None and tuple(cam.ignore_zones.size) != tuple(cam.roi[2:]):
+            raise ConfigError(f"{where}: size {list(cam.ignore_zones.size)} differs from the roi's {list(cam.roi[2:])}: "
+                              "zones are in pixels of the frame after the roi crop; redraw them or fix size")
 
 
 def _resolve_paths(cfg: EdgeConfig, base: Path) -> None:
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p)
 
+    for cam in cfg.cameras:
+        if isinstance(cam.ignore_zones, Path):
+            cam.ignore_zones = fix(cam.ignore_zones)
     cfg.model.bundle = fix(cfg.model.bundle)
     cfg.model.checkpoint = fix(cfg.model.checkpoint)
     cfg.state_dir = fix(cfg.state_dir) or cfg.state_dir
@@ -337,6 +365,9 @@ def check_files(cfg: EdgeConfig) -> None:
                 raise ConfigError(f"mqtt.tls.{key}: cannot read {p}; check the path and its permissions")
         if (cfg.mqtt.tls.cert is None) != (cfg.mqtt.tls.key is None):
             raise ConfigError("mqtt.tls: give both cert and key for mutual TLS, or neither")
+    problem = http_password_problem(cfg.http)
+    if problem:
+        raise ConfigError(problem)
 
 
 def load_config(path: str | Path, check: bool = True) -> EdgeConfig:

@@ -25,11 +25,15 @@ log = logging.getLogger(__name__)
 class AlarmDesk:
     """One :class:`AlarmTracker` per camera and the durable write of their events. Thread-safe."""
 
-    def __init__(self, node: str, prefix: str, cfg: AlarmConfig, outbox: Outbox, wake: Callable[[], None]):
+    def __init__(self, node: str, prefix: str, cfg: AlarmConfig, outbox: Outbox, wake: Callable[[], None],
+                 on_state: Callable[[str, bool], None] | None = None):
+        """``on_state(camera, active)`` is called when an alarm starts (True) or ends (False)."""
         self.node, self.prefix, self.cfg, self.outbox, self._wake = node, prefix, cfg, outbox, wake
+        self._on_state = on_state
         self._trackers: dict[str, AlarmTracker] = {}
         self._lock = threading.Lock()
         self.raised = 0  # events written so far
+        self.started: dict[str, int] = {}  # alarms started per camera
 
     def decide(self, r) -> str | None:
         """Feed one inspected frame; store the events it causes; return the alarm id running on
@@ -39,6 +43,11 @@ class AlarmDesk:
             events = tracker.update(r.anomalous, r.score, r.frame_id, r.timestamp, r.threshold)
             self._store(events)
             return tracker.active_id or (events[0].id if events else None)
+
+    def active(self, camera: str) -> bool:
+        """Whether an alarm runs on ``camera``."""
+        with self._lock:
+            return self._trackers.get(camera) is not None and self._trackers[camera].active_id is not None
 
     def close(self, camera: str, reason: str) -> None:
         """End a running alarm of ``camera`` (``camera_offline``, ``camera_ended``)."""
@@ -56,6 +65,10 @@ class AlarmDesk:
             self.outbox.add(ev.kind, f"{self.prefix}/{ev.camera}/alarm", payload)
             self.raised += 1
             log.info("alarm %s %s on %s (score %.3f, frame %d)", ev.kind, ev.id, ev.camera, ev.score, ev.frame_id)
+            if ev.kind == "start":
+                self.started[ev.camera] = self.started.get(ev.camera, 0) + 1
+            if self._on_state is not None and ev.kind in ("start", "end"):
+                self._on_state(ev.camera, ev.kind == "start")
         if events:
             self._wake()
 

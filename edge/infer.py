@@ -7,7 +7,9 @@ One thread per GPU (one per daemon here). It takes up to ``batch`` waiting frame
 static batch size, runs the backend and hands one :class:`FrameResult` per frame to the sink
 (``Publisher.publish_result``). A frame is anomalous when ``score >= threshold``; the threshold
 is the runtime setting (MQTT ``threshold/set``), else the camera's ``threshold``, else the
-bundle's (0.5 in normalised units). The defect mask is ``anomaly_map >= pixel threshold``.
+bundle's (0.5 in normalised units). The defect mask is ``anomaly_map >= pixel threshold``. A
+camera's ignore zones (edge/zones.py) are applied to the map and the score first, so the
+verdict, the alarm and the regions never see anomalies inside them.
 
 A frame whose score or map is not finite (NaN / inf from a broken model or GPU) is not an
 inspection: it is never published (least of all as ``ok``), it is counted per camera
@@ -38,6 +40,7 @@ from .config import CameraConfig
 from .frames import FrameResult
 from .ipc import Frame, LatestFrames
 from .stats import Stats
+from .zones import Reduction, ZoneSet, ZonesError, reduction_from_model_config
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,25 @@ def model_id(manifest: dict, bundle_hash: str) -> str:
     return str(model.get("id") or f"{model.get('name', 'haloae')}-{bundle_hash[:12]}")
 
 
+def camera_zones(cameras: list[CameraConfig]) -> dict[str, ZoneSet]:
+    """The ignore zones of the cameras that have some."""
+    return {c.id: ZoneSet(c.ignore_zones, f"camera {c.id}: ignore zones") for c in cameras if c.ignore_zones}
+
+
+def check_zones(cameras: list[CameraConfig], manifest: dict) -> Reduction | None:
+    """The bundle's score reduction when some camera has ignore zones (None otherwise); ZonesError
+    when the bundle's score cannot be rescored or a camera's zones leave no pixel of the map."""
+    zones = camera_zones(cameras)
+    if not zones:
+        return None
+    reduction = reduction_from_model_config((manifest.get("model") or {}).get("config"))
+    _, _, mh, mw = manifest["input"]["shape"]
+    for cam, zs in zones.items():
+        w, h = zs.zones.size
+        zs.check_map(w, h, mw, mh)
+    return reduction
+
+
 class _Broken(RuntimeError):
     """The model cannot inspect at all (not one failure: a lasting state): stop the daemon."""
 
@@ -94,6 +116,7 @@ class InferenceWorker(threading.Thread):
         self._invalid_run = 0
         self.heartbeat = time.monotonic()  # last time the loop turned (watchdog when idle)
         self._pending: tuple | None = None
+        self._zones = camera_zones(cameras)
         self._apply(backend, manifest, model_id, *bundle_thresholds(manifest))
 
     # -- settings ---------------------------------------------------------------------------
@@ -109,6 +132,12 @@ class InferenceWorker(threading.Thread):
         with self._lock:
             self._cam_threshold.update(thresholds)
 
+    def set_zones(self, cameras: list[CameraConfig]) -> None:
+        """New ignore zones (SIGHUP with an edited YAML; checked by the caller with check_zones)."""
+        zones = camera_zones(cameras)
+        with self._lock:
+            self._zones = zones
+
     def _apply(self, backend: Backend, manifest: dict, model_id: str, image: float, pixel: float) -> None:
         n = backend.input_shape[0]
         if self.batch_size > n:
@@ -117,9 +146,14 @@ class InferenceWorker(threading.Thread):
             log.warning("the bundle's static batch is %d but model.batch_size is %d: each call is padded "
                         "to %d frames; export with --batch %d or raise model.batch_size", n, self.batch_size, n,
                         self.batch_size)
+        try:
+            reduction = reduction_from_model_config((manifest.get("model") or {}).get("config"))
+        except ZonesError:
+            reduction = None  # check_zones refused it already when a camera has zones
         with self._lock:
             self.backend, self.manifest, self.model_id = backend, manifest, model_id
             self.bundle_threshold, self.pixel_threshold = image, pixel
+            self.reduction = reduction
 
     def set_threshold(self, camera: str | None, value: float | None) -> None:
         """Runtime image threshold of one camera (``None`` camera: all); ``None`` value resets."""
@@ -206,7 +240,7 @@ class InferenceWorker(threading.Thread):
                                f"{list(np.shape(maps))}, the bundle says [{n}] and [{n}, 1, {h}, {w}]")
         self.stats.record_batch(len(frames), infer_ms)
         with self._lock:
-            mid, pix = self.model_id, self.pixel_threshold
+            mid, pix, zones, reduction = self.model_id, self.pixel_threshold, self._zones, self.reduction
         valid = 0
         for i, f in enumerate(frames):
             thr = self.threshold(f.camera)
@@ -216,14 +250,17 @@ class InferenceWorker(threading.Thread):
                 continue
             valid += 1
             self._invalid_run = 0
+            amap, zs = maps[i, 0], zones.get(f.camera)
+            if zs is not None and reduction is not None:  # before the verdict and the regions
+                score, amap = zs.apply(score, amap, (f.image.shape[1], f.image.shape[0]), reduction)
             latency = {"capture": round(f.capture_ms, 2),
                        "queue": round(max(picked - f.sent_mono, 0.0) * 1000.0, 2),
                        "inference": round(infer_ms, 2),
                        "total": round((time.time() - f.timestamp) * 1000.0, 2)}
             result = FrameResult(camera=f.camera, frame_id=f.frame_id, timestamp=f.timestamp, score=score,
                                  threshold=thr, pixel_threshold=pix, anomalous=bool(score >= thr),
-                                 anomaly_map=maps[i, 0], frame=f.image, latency_ms=latency, model_id=mid)
-            self.stats.record(f.camera, latency, result.anomalous)
+                                 anomaly_map=amap, frame=f.image, latency_ms=latency, model_id=mid, zones=zs)
+            self.stats.record(f.camera, latency, result.anomalous, score)
             self.inspected += 1
             try:
                 self.sink(result)

@@ -232,6 +232,11 @@ class LatestFrames:
         with self._cond:
             return self._overwritten[camera] + self._sender_dropped[camera]
 
+    def refused(self, camera: str) -> int:
+        """Frames of ``camera`` its sender could not hand over (the pipe was full), as last reported."""
+        with self._cond:
+            return self._sender_dropped[camera]
+
     def received(self, camera: str) -> int:
         with self._cond:
             return self._received[camera]

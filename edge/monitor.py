@@ -4,7 +4,9 @@ Subscribes to ``<prefix>/+/result``, ``<prefix>/+/alarm`` and ``<prefix>/availab
 ``<prefix>/+/mask`` with ``--save-masks``); prints one line per result and a highlighted line
 per alarm event. Replace ``on_alarm`` with what your plant needs (a PLC output, a text
 message, an MES call). Alarm events are QoS 1 and may arrive twice: drop repeats by
-``(id, seq)``, as done here.
+``(id, seq)``, as done here. A ``mask`` names its frame in the MQTT 5 user property
+``frame_id`` (with 3.1.1: it follows its ``result``). A broker that cannot be reached or that
+refuses the connection is said on stderr (once per reason) while the monitor retries.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from .mqtt_health import code_of, refusal_hint
 
 EPILOG = """examples:
   haloae-monitor --broker localhost                       # every node under haloae/
@@ -51,14 +55,34 @@ class Monitor:
         self.last_frame: dict[str, int] = {}  # camera -> frame id of its last result (names mask files)
         self.seen: set[tuple[str, int]] = set()  # (alarm id, seq): drops QoS 1 repeats
         self.color = sys.stdout.isatty()
+        self.connected_once = False
+        self._said: str | None = None  # the last connection problem printed (said once per reason)
+
+    def say_problem(self, text: str) -> None:
+        if text != self._said:
+            self._said = text
+            print(f"haloae-monitor: {text}", file=sys.stderr, flush=True)
 
     def on_connect(self, client, userdata, flags, reason, properties):
         if reason.is_failure:
-            print(f"broker refused the connection: {reason}", file=sys.stderr)
+            code = code_of(reason)
+            self.say_problem(f"the broker {self.args.broker} refused the connection: {reason} (reason code "
+                             f"0x{code:02X}; {refusal_hint(code)}); retrying")
             return
+        self.connected_once, self._said = True, None
         kinds = ["result", "alarm"] + (["mask"] if self.args.save_masks else [])
         self.kinds = ",".join(kinds)
         client.subscribe([(f"{self.args.prefix}/+/{k}", 1) for k in kinds] + [(f"{self.args.prefix}/available", 1)])
+
+    def on_connect_fail(self, client, userdata):
+        err = sys.exc_info()[1]  # paho calls this inside its ``except OSError``
+        what = f"{type(err).__name__}: {err}" if err else "connection failed"
+        self.say_problem(f"cannot reach the broker {self.args.broker} ({what}); is it running, is the address "
+                         "right (--broker HOST:PORT, --tls-ca for TLS)? retrying")
+
+    def on_disconnect(self, client, userdata, flags, reason, properties):
+        if self.connected_once and not self.done.is_set():
+            self.say_problem(f"lost the broker {self.args.broker} ({reason}); reconnecting")
 
     def on_subscribe(self, client, userdata, mid, reason_codes, properties):
         print(f"listening on {self.args.broker} for {self.args.prefix}/+/{{{self.kinds}}} (Ctrl-C to stop)",
@@ -71,7 +95,9 @@ class Monitor:
             node, state = "/".join(parts[:-1]), msg.payload.decode(errors="replace")
             print(json.dumps({"prefix": node, "available": state}) if self.args.json else f"{node} is {state}", flush=True)
         elif kind == "mask":
-            self.save_mask(camera, msg.payload)
+            props = dict(getattr(msg.properties, "UserProperty", None) or [])  # MQTT 5: the mask names its frame
+            frame = props.get("frame_id")
+            self.save_mask(camera, msg.payload, int(frame) if frame and frame.isdigit() else None)
         elif kind in ("result", "alarm"):
             try:
                 doc = json.loads(msg.payload)
@@ -105,11 +131,14 @@ class Monitor:
                 f"score {a.get('score')} max {a.get('max_score')} frames {a.get('anomalous_frames')}/{a.get('frames')}")
         print(f"{BOLD}{RED}{line}{RESET}" if self.color else line, flush=True)
 
-    def save_mask(self, camera: str, png: bytes):
+    def save_mask(self, camera: str, png: bytes, frame_id: int | None = None):
+        """Save as ``<camera>_<frame id>.png``: the mask's own frame id (MQTT 5), else that of the
+        camera's last result (3.1.1: a mask follows its result on the same connection)."""
         if not _SAFE.match(camera):  # a topic level becomes a file name: keep it harmless
             return
         self.args.save_masks.mkdir(parents=True, exist_ok=True)
-        (self.args.save_masks / f"{camera}_{self.last_frame.get(camera, 0)}.png").write_bytes(png)
+        frame = frame_id if frame_id is not None else self.last_frame.get(camera, 0)
+        (self.args.save_masks / f"{camera}_{frame}.png").write_bytes(png)
 
 
 def main(argv=None) -> int:
@@ -118,6 +147,8 @@ def main(argv=None) -> int:
     mon = Monitor(args)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311 if args.mqtt3 else mqtt.MQTTv5)
     client.on_connect, client.on_subscribe, client.on_message = mon.on_connect, mon.on_subscribe, mon.on_message
+    client.on_connect_fail, client.on_disconnect = mon.on_connect_fail, mon.on_disconnect
+    client.reconnect_delay_set(1, 10)
     if args.username:
         client.username_pw_set(args.username, os.environ.get("HALOAE_MQTT_PASSWORD"))
     if args.tls_ca:
@@ -130,6 +161,9 @@ def main(argv=None) -> int:
         finished = True
     client.disconnect()
     client.loop_stop()
+    if not finished and not mon.connected_once:
+        print(f"haloae-monitor: timed out after {args.timeout:g} s without a connection to {args.broker}", file=sys.stderr)
+        return 1
     if not finished and args.count:
         print(f"timed out after {args.timeout:g} s with {mon.results} of {args.count} results", file=sys.stderr)
         return 1

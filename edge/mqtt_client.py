@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from haloae.validate import publish_topic_problem
 
@@ -111,14 +113,20 @@ class MqttClient:
         self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         self._client.loop_start()
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False):
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
+                user_properties: list[tuple[str, str]] | None = None):
         """Queue one message; returns paho's ``MQTTMessageInfo``, or None when paho refused it
         (its queue is full). QoS 1/2 messages published while disconnected are kept by paho and
-        sent on reconnect; QoS 0 ones are dropped. ``ValueError`` for a topic no broker takes."""
+        sent on reconnect; QoS 0 ones are dropped. ``ValueError`` for a topic no broker takes.
+        ``user_properties`` (MQTT 5 only; ignored with 3.1.1) travel with the message."""
         problem = publish_topic_problem(topic)
         if problem:
             raise ValueError(f"cannot publish to {topic!r}: {problem}")
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        props = None
+        if user_properties and self.cfg.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = list(user_properties)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             return None
         if info.rc == MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE:
@@ -147,7 +155,7 @@ class MqttClient:
             c._out_messages.pop(info.mid, None)
         self._topics.pop(info.mid, None)
 
-    def stop(self, timeout: float = 2.0, final: str | None = "stopped") -> None:
+    def stop(self, timeout: float = 2.0, final: str | None = "offline") -> None:
         """Publish ``available`` = ``final`` (retained, QoS 1) when connected, wait for its
         PUBACK, disconnect (no last will) and stop the network thread, all within ``timeout``."""
         deadline = time.monotonic() + timeout

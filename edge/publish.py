@@ -8,6 +8,11 @@ the local ZeroMQ PUB, evidence files). When that queue is full the result is dro
 counted; alarm events are never dropped: the sender thread (``edge/delivery.py``) publishes
 them at QoS 1 and settles each one (delivered, or a dead letter reported once on
 ``<prefix>/error``). Topics and payloads are documented in ``docs/mqtt.md``.
+
+Also here: the retained alarm state ``<prefix>/<camera>/alarm/state`` (``OFF`` at every start
+and clean stop, ``ON`` from an alarm's ``start`` to its ``end``), Home Assistant discovery and
+its score / defect-image topics (``edge/homeassistant.py``), and the clean stop: every camera's
+``status`` goes ``offline`` with ``"daemon": "stopped"``, then ``available`` = ``offline``.
 """
 
 from __future__ import annotations
@@ -21,33 +26,22 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from . import regions
-from .alarms import SCHEMA_VERSION, iso_utc, num
+from .alarms import SCHEMA_VERSION, iso_utc
 from .config import EdgeConfig, inside_dir
 from .decisions import AlarmDesk
 from .delivery import OutboxSender
 from .evidence import EvidenceStore
+from .homeassistant import HomeAssistant, alarm_state_topic
 from .mqtt_client import MqttClient
 from .outbox import Outbox, PendingEvent
+from .payloads import dumps as _dumps
+from .payloads import result_payload, state_text, status_doc
 from .settings import MAX_SETTING_BYTES, parse_set, split_topic
 
 log = logging.getLogger(__name__)
 
 SettingCallback = Callable[[str | None, str, Any], None]
-
-
-def result_payload(node: str, r, regions_: list[dict], alarm_id: str | None) -> dict:
-    """The JSON document of ``<prefix>/<camera>/result`` (see docs/mqtt.md)."""
-    h, w = r.frame.shape[:2]
-    lat = {k: num(v, 2) for k, v in (r.latency_ms or {}).items()}
-    return {"v": SCHEMA_VERSION, "node": node, "camera": r.camera, "frame_id": int(r.frame_id),
-            "timestamp": iso_utc(r.timestamp), "epoch": round(float(r.timestamp), 3),
-            "score": num(r.score), "verdict": "defect" if r.anomalous else "ok",
-            "threshold": float(r.threshold), "pixel_threshold": float(r.pixel_threshold),
-            "latency_ms": lat, "model": r.model_id, "width": w, "height": h,
-            "regions": regions_, "alarm": alarm_id}
 
 
 class Publisher:
@@ -61,15 +55,20 @@ class Publisher:
         self.cfg, self.node, self.prefix = cfg, cfg.node, cfg.prefix
         self.cameras = [c.id for c in cfg.cameras]
         self._on_setting = on_setting
+        self.on_published: Callable[[Any, float], None] | None = None  # (result, capture→publish s): metrics
+        self.ha = HomeAssistant(cfg.homeassistant, self.node, self.prefix, self.cameras) \
+            if cfg.homeassistant.enabled else None
         state_dir = Path(state_dir)
         self.outbox = Outbox(inside_dir(state_dir, Path("outbox.sqlite")), cfg.alarms.outbox_max_events)
         self.client = MqttClient(cfg.mqtt, self.prefix, cfg.mqtt.client_id or f"haloae-{self.node}",
-                                 subscriptions=[f"{self.prefix}/+/set", f"{self.prefix}/+/+/set"],
+                                 subscriptions=[f"{self.prefix}/+/set", f"{self.prefix}/+/+/set"]
+                                 + ([self.ha.birth_topic] if self.ha else []),
                                  on_message=self._on_mqtt_message, on_connect=self._on_connect,
                                  on_publish=lambda mid, rc: self.sender.on_publish(mid, rc),
                                  on_disconnect=lambda: self.sender.wake(), on_duplicate=self._on_duplicate)
         self.sender = OutboxSender(self.outbox, self.client, on_dead=self._on_dead_letter)
-        self.alarms = AlarmDesk(self.node, self.prefix, cfg.alarms, self.outbox, self.sender.wake)
+        self.alarms = AlarmDesk(self.node, self.prefix, cfg.alarms, self.outbox, self.sender.wake,
+                                on_state=self.set_alarm_state)
         self.evidence = (EvidenceStore(inside_dir(state_dir, cfg.evidence.dir), int(cfg.evidence.quota_mb * 1e6))
                          if cfg.evidence.enabled else None)
         self._last_status: dict[str, Any] = {}
@@ -79,7 +78,6 @@ class Publisher:
         self._retained: dict[str, bytes] = {}  # republished on every (re)connect
         self._last_sent: dict[str, float] = {}
         self._last_evidence: dict[str, float] = {}
-        self._zero_png: dict[tuple[int, int], bytes] = {}
         self._stopping = False
         self._started = False
         self._busy = False  # the encoder thread is handling an item
@@ -95,6 +93,9 @@ class Publisher:
         return self.client.connected
 
     def start(self) -> None:
+        for cam in self.cameras:  # no alarm runs at start, whatever a crash left retained
+            self.set_alarm_state(cam, False)
+        self._publish_discovery()
         self._started = True
         self._worker.start()
         self.sender.start()
@@ -107,6 +108,10 @@ class Publisher:
         if self._stopping:
             return
         alarm_id = self.alarms.decide(r)
+        if self.ha is not None:
+            text = self.ha.score_due(r.camera, float(r.score))
+            if text is not None:
+                self._submit(("message", self.ha.score_topic(r.camera), text.encode(), 0, False))
         with self._cv:
             if len(self._results) >= self.cfg.publish.queue_size:
                 self.counters["dropped"] += 1
@@ -125,14 +130,30 @@ class Publisher:
         self._last_status[s.camera] = s
         self._submit(("retained", f"{self.prefix}/{s.camera}/status", self._status_doc(s)))
 
-    def _status_doc(self, s) -> bytes:
-        doc = {"v": SCHEMA_VERSION, "camera": s.camera, "state": s.state, "detail": s.detail,
-               "frames": s.frames, "dropped": s.dropped, "errors": s.errors, "invalid": getattr(s, "invalid", 0),
-               "since": iso_utc(s.since), "since_epoch": round(s.since, 3),
-               "backend": getattr(s, "backend", ""), "model": getattr(s, "model_id", ""),
-               "alarms_dead": self.outbox.dead_by_topic.get(f"{self.prefix}/{s.camera}/alarm", 0),
-               "outbox_problem": self.outbox.problem, "timestamp": iso_utc(time.time())}
-        return _dumps(doc)
+    def _status_doc(self, s, daemon: str = "running") -> bytes:
+        return status_doc(s, self.outbox.dead_by_topic.get(f"{self.prefix}/{s.camera}/alarm", 0),
+                          self.outbox.problem, daemon)
+
+    def set_alarm_state(self, camera: str, active: bool) -> None:
+        """Retained ``<prefix>/<camera>/alarm/state``: ``ON`` while an alarm runs, else ``OFF``."""
+        self._submit(("retained", alarm_state_topic(self.prefix, camera), b"ON" if active else b"OFF"))
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """A retained QoS 1 message, re-published on every reconnect (drift, ...)."""
+        self._submit(("retained", topic, payload))
+
+    def _publish_discovery(self) -> None:
+        if self.ha is not None:
+            for topic, payload in self.ha.discovery():
+                self._submit(("retained", topic, payload))
+
+    def apply_setting(self, topic: str, payload: bytes, timeout: float = 5.0) -> str | None:
+        """A ``<setting>/set`` from another input (the live view's slider), through the same path as
+        an MQTT one; waits for it: None when applied, else why it was refused."""
+        done = {"event": threading.Event(), "error": "the publisher did not handle it in time"}
+        self._submit(("setting", topic, payload[:MAX_SETTING_BYTES + 1], len(payload), done))
+        done["event"].wait(timeout)
+        return done["error"]
 
     def _refresh_statuses(self) -> None:
         """Publish every camera's last status again (a dead letter, an outbox problem changed)."""
@@ -151,7 +172,7 @@ class Publisher:
     def set_state(self, camera: str | None, setting: str, value: Any) -> None:
         """Retained ``<prefix>/<camera>/<setting>/state`` (camera None: every camera)."""
         for cam in [camera] if camera else self.cameras:
-            self._submit(("retained", f"{self.prefix}/{cam}/{setting}/state", _state_text(value).encode()))
+            self._submit(("retained", f"{self.prefix}/{cam}/{setting}/state", state_text(value).encode()))
 
     def stats(self) -> dict:
         return {**self.counters, "alarm_events": self.alarms.raised, "queue": len(self._results),
@@ -179,12 +200,20 @@ class Publisher:
 
     def stop(self, timeout: float = 2.0) -> None:
         """End running alarms, deliver what the broker takes within ``timeout``, publish
-        ``available`` = ``stopped``, disconnect. Undelivered alarm events stay in the outbox."""
+        every camera's ``status`` = ``offline`` (``daemon`` ``stopped``) and ``available`` =
+        ``offline``, disconnect. Undelivered alarm events stay in the outbox."""
         if self._stopping:
             return
         deadline = time.monotonic() + timeout
-        self._stopping = True
         self.alarms.close_all("shutdown")
+        for cam in self.cameras:
+            self.set_alarm_state(cam, False)
+        for s in list(self._last_status.values()):  # a clean stop: every camera offline, said why
+            s.state, s.detail, s.since = "offline", "haloae-edge was stopped (clean stop)", time.time()
+            self._submit(("retained", f"{self.prefix}/{s.camera}/status", self._status_doc(s, "stopped")))
+        with self._cv:  # only now: the encoder thread ends once drained, and these are queued before
+            self._stopping = True
+            self._cv.notify()
         if self._started:
             self._worker.join(max(0.1, 0.3 * timeout))  # alarms first, then the queued results
             with self._cv:
@@ -231,6 +260,9 @@ class Publisher:
     def _on_mqtt_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic.endswith("/set"):
             self._submit(("setting", topic, payload[:MAX_SETTING_BYTES + 1], len(payload)))
+        elif self.ha is not None and topic == self.ha.birth_topic and payload.strip() == b"online":
+            log.info("Home Assistant started (%s = online): publishing the discovery configs again", topic)
+            self._publish_discovery()
 
     # --- the encoder thread -----------------------------------------------------------------
     def _submit(self, *items) -> None:
@@ -282,6 +314,9 @@ class Publisher:
                 self.client.publish(f"{self.prefix}/stats", _dumps(doc), qos=0)
         elif kind == "setting":
             self._apply_setting(*item[1:])
+        elif kind == "message":  # live data (score sensor): not kept while disconnected
+            if self.client.connected:
+                self.client.publish(item[1], item[2], qos=item[3], retain=item[4])
         elif kind == "error":  # QoS 1: paho keeps it while disconnected and sends it on reconnect
             self.client.publish(f"{self.prefix}/error", item[1], qos=1)
         elif kind == "connected":
@@ -291,31 +326,34 @@ class Publisher:
     def _send_result(self, r, alarm_id: str | None, pub) -> None:
         to_mqtt = self._want_mqtt(r)
         to_evidence = self.evidence is not None and r.anomalous and self._evidence_due(r.camera)
-        if not (to_mqtt or to_evidence or pub is not None):
+        to_ha = self.ha is not None and r.anomalous and self.client.connected and self.ha.image_due(r.camera)
+        if not (to_mqtt or to_evidence or to_ha or pub is not None):
             return  # nobody takes this result: skip the encoding
         h, w = r.frame.shape[:2]
-        if float(np.max(r.anomaly_map)) >= r.pixel_threshold:
-            amap = regions.resize_map(r.anomaly_map, w, h)
-            mask = regions.binary_mask(amap, r.pixel_threshold)
-            found = regions.find_regions(mask, amap, self.cfg.publish.min_region_area, self.cfg.publish.max_regions)
-        else:  # nothing above the pixel threshold: an empty mask, no resize needed
-            amap, mask, found = None, None, []
+        amap, mask, found = regions.analyse(r, self.cfg.publish.min_region_area, self.cfg.publish.max_regions)
         payload = _dumps(result_payload(self.node, r, found, alarm_id))
         want_png = pub is not None or to_evidence or (to_mqtt and self.cfg.publish.mask)
-        mask_png = self._mask_png(mask, w, h) if want_png else b""
+        mask_png = regions.mask_png(mask, w, h) if want_png else b""
         topic = f"{self.prefix}/{r.camera}"
+        overlay = regions.overlay_jpeg(r, amap, mask) if (to_ha or (to_mqtt and self.cfg.publish.overlay
+                                                                  and r.anomalous)) else None
         if pub is not None:
             pub.send(f"{topic}/result", payload, mask_png)
         if to_mqtt:
             q = self.cfg.mqtt.qos_results
+            frame_props = [("camera", r.camera), ("frame_id", str(int(r.frame_id)))]  # MQTT 5: pairs mask ↔ result
             self.client.publish(f"{topic}/result", payload, qos=q)
             if self.cfg.publish.mask:
-                self.client.publish(f"{topic}/mask", mask_png, qos=q)
+                self.client.publish(f"{topic}/mask", mask_png, qos=q, user_properties=frame_props)
             if self.cfg.publish.overlay and r.anomalous:
-                self.client.publish(f"{topic}/overlay", self._overlay_jpeg(r, amap, mask), qos=q)
+                self.client.publish(f"{topic}/overlay", overlay, qos=q, user_properties=frame_props)
             self.counters["results"] += 1
+            if self.on_published is not None:
+                self.on_published(r, time.time() - r.timestamp)
+        if to_ha:
+            self._handle(("retained", self.ha.image_topic(r.camera), overlay), None)
         if to_evidence:
-            self._save_evidence(r, amap, mask, mask_png, payload)
+            self._save_evidence(r, amap, mask, mask_png, payload, overlay)
 
     def _want_mqtt(self, r) -> bool:
         mode = self.cfg.publish.results
@@ -331,19 +369,6 @@ class Publisher:
         self._last_sent[r.camera] = now
         return True
 
-    def _mask_png(self, mask: np.ndarray | None, w: int, h: int) -> bytes:
-        if mask is not None:
-            return regions.encode_png(mask)
-        if (w, h) not in self._zero_png:
-            self._zero_png[(w, h)] = regions.encode_png(np.zeros((h, w), np.uint8))
-        return self._zero_png[(w, h)]
-
-    def _overlay_jpeg(self, r, amap, mask) -> bytes:
-        h, w = r.frame.shape[:2]
-        amap = regions.resize_map(r.anomaly_map, w, h) if amap is None else amap
-        mask = np.zeros((h, w), np.uint8) if mask is None else mask
-        return regions.encode_jpeg(regions.overlay_rgb(r.frame, amap, mask), quality=85)
-
     def _evidence_due(self, camera: str) -> bool:
         now = time.monotonic()
         if now - self._last_evidence.get(camera, -math.inf) < self.cfg.evidence.min_interval_s:
@@ -351,23 +376,23 @@ class Publisher:
         self._last_evidence[camera] = now
         return True
 
-    def _save_evidence(self, r, amap, mask, mask_png: bytes, payload: bytes) -> None:
+    def _save_evidence(self, r, amap, mask, mask_png: bytes, payload: bytes, overlay: bytes | None) -> None:
         ext = self.cfg.evidence.frame_format
-        if ext == "png":
-            frame = regions.encode_png(np.ascontiguousarray(r.frame[..., ::-1]))  # cv2 wants BGR
-        else:
-            frame = regions.encode_jpeg(r.frame, 95)
-        files = {f"_frame.{ext}": frame, "_mask.png": mask_png, "_overlay.jpg": self._overlay_jpeg(r, amap, mask),
-                 ".json": payload}
+        files = {f"_frame.{ext}": regions.encode_frame(r.frame, ext), "_mask.png": mask_png,
+                 "_overlay.jpg": overlay or regions.overlay_jpeg(r, amap, mask), ".json": payload}
         self.evidence.save(r.camera, r.frame_id, r.timestamp, files)
 
-    def _apply_setting(self, topic: str, payload: bytes, size: int) -> None:
+    def _apply_setting(self, topic: str, payload: bytes, size: int, done: dict | None = None) -> None:
+        """A ``set`` message (MQTT, or the live view with ``done`` to report back to)."""
         camera, setting = split_topic(self.prefix, topic)
         try:
             camera, setting, value = parse_set(self.prefix, topic, self.cameras, payload, size)
             if self._on_setting is not None:
                 self._on_setting(camera, setting, value)
         except ValueError as err:  # SettingError, or the daemon's own refusal
+            if done is not None:
+                done["error"] = str(err)
+                done["event"].set()
             self.counters["settings_rejected"] += 1
             log.warning("rejected %s: %s", topic, err)
             doc = {"v": SCHEMA_VERSION, "kind": "setting", "topic": topic, "camera": camera, "setting": setting,
@@ -376,15 +401,11 @@ class Publisher:
             if self.client.connected:
                 self.client.publish(f"{self.prefix}/error", _dumps(doc), qos=1)
             return
-        log.info("setting %s of %s set to %s over MQTT", setting, camera or "all cameras", value)
+        log.info("setting %s of %s set to %s %s", setting, camera or "all cameras", value,
+                 "over MQTT" if done is None else "from the live view")
         for cam in [camera] if camera else self.cameras:
-            self._handle(("retained", f"{self.prefix}/{cam}/{setting}/state", _state_text(value).encode()), None)
-
-
-def _dumps(doc: dict) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _state_text(value: Any) -> str:
-    return str(value)
+            self._handle(("retained", f"{self.prefix}/{cam}/{setting}/state", state_text(value).encode()), None)
+        if done is not None:
+            done["error"] = None
+            done["event"].set()
 

@@ -9,6 +9,8 @@ region boxes are in frame pixels.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
 
@@ -59,6 +61,20 @@ def find_regions(mask: np.ndarray, amap: np.ndarray | None = None, min_area: int
     return regions
 
 
+def analyse(r, min_area: int = 1, max_regions: int = 32) -> tuple[np.ndarray | None, np.ndarray | None, list[dict]]:
+    """``(map, mask, regions)`` of a FrameResult at frame resolution, ignore zones applied (map
+    and mask are 0 inside them); ``(None, None, [])`` when no map pixel reaches the pixel
+    threshold (no resize needed)."""
+    if float(np.max(r.anomaly_map)) < r.pixel_threshold:
+        return None, None, []
+    h, w = r.frame.shape[:2]
+    amap = resize_map(r.anomaly_map, w, h)
+    if getattr(r, "zones", None) is not None:  # bilinear upsampling leaks across a zone's edge: cut it
+        amap = np.where(r.zones.keep(w, h), amap, np.float32(0))
+    mask = binary_mask(amap, r.pixel_threshold)
+    return amap, mask, find_regions(mask, amap, min_area, max_regions)
+
+
 def encode_png(mask: np.ndarray) -> bytes:
     """PNG bytes of a single-channel uint8 mask (fast compression: masks are mostly zeros)."""
     ok, buf = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 1])
@@ -81,6 +97,31 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     if not ok:
         raise ValueError(f"could not encode an image of shape {rgb.shape} as JPEG")
     return buf.tobytes()
+
+
+@lru_cache(maxsize=16)
+def _zero_png(width: int, height: int) -> bytes:
+    return encode_png(np.zeros((height, width), np.uint8))
+
+
+def mask_png(mask: np.ndarray | None, width: int, height: int) -> bytes:
+    """PNG of ``mask`` (None: an empty mask of that size, encoded once per size)."""
+    return encode_png(mask) if mask is not None else _zero_png(width, height)
+
+
+def encode_frame(rgb: np.ndarray, ext: str) -> bytes:
+    """The frame as ``png`` (lossless) or ``jpg`` (quality 95) bytes."""
+    if ext == "png":
+        return encode_png(np.ascontiguousarray(rgb[..., ::-1]))  # cv2 wants BGR
+    return encode_jpeg(rgb, 95)
+
+
+def overlay_jpeg(r, amap: np.ndarray | None, mask: np.ndarray | None, quality: int = 85) -> bytes:
+    """JPEG of a FrameResult's overlay; ``amap`` / ``mask`` from :func:`analyse` (None: nothing found)."""
+    h, w = r.frame.shape[:2]
+    amap = np.zeros((h, w), np.float32) if amap is None else amap
+    mask = np.zeros((h, w), np.uint8) if mask is None else mask
+    return encode_jpeg(overlay_rgb(r.frame, amap, mask), quality=quality)
 
 
 def overlay_rgb(frame_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:

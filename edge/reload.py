@@ -7,8 +7,8 @@ running model keeps running until the new one is fully loaded, and on any failur
 stays.
 
 :func:`config_changes` compares the running config with the edited YAML: ``model.*`` and the
-cameras' ``threshold`` are applied live; anything else (cameras added or moved, MQTT, publish,
-alarms, health, evidence) needs a restart, and the reload says so by key.
+cameras' ``threshold`` and ``ignore_zones`` are applied live; anything else (cameras added or moved, MQTT, publish,
+alarms, health, evidence, http, homeassistant, drift) needs a restart, and the reload says so by key.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from haloae.export.bundle import bundle_hash, verify_bundle
 
 from .backends import Backend
 from .backends.select import load_backend
-from .config import EdgeConfig
-from .infer import bundle_thresholds, model_id
+from .config import ConfigError, EdgeConfig
+from .infer import bundle_thresholds, check_zones, model_id
+from .zones import ZonesError
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,14 @@ class LoadedModel:
 
 
 def load_model(cfg: EdgeConfig) -> LoadedModel:
-    """Verify the bundle and build its backend; raises BundleError / BackendUnavailable."""
+    """Verify the bundle, check the cameras' ignore zones against it and build its backend;
+    raises BundleError / ConfigError / BackendUnavailable."""
     manifest = verify_bundle(cfg.model.bundle)
     image, pixel = bundle_thresholds(manifest)
+    try:
+        check_zones(cfg.cameras, manifest)
+    except ZonesError as err:
+        raise ConfigError(f"cameras.*.ignore_zones: {err}") from None
     backend = load_backend(cfg.model, cfg.model.bundle, manifest, cfg.state_dir / "engines")
     return LoadedModel(backend, manifest, model_id(manifest, bundle_hash(cfg.model.bundle, manifest)), image, pixel)
 
@@ -63,6 +69,7 @@ def config_changes(old: EdgeConfig, new: EdgeConfig) -> tuple[list[str], list[st
     live, restart = [], []
     for key in changed:
         parts = key.split(".")
-        is_live = parts[0] == "model" or (same_cameras and parts[0] == "cameras" and parts[-1] == "threshold")
+        is_live = parts[0] == "model" or (same_cameras and parts[0] == "cameras" and (
+            parts[-1] == "threshold" or parts[2:3] == ["ignore_zones"]))
         (live if is_live else restart).append(key)
     return live, restart

@@ -32,6 +32,8 @@ class _CameraStats:
         self.anomalous = 0
         self.invalid = 0  # frames with NaN / inf model outputs (not inspected)
         self.times: deque[float] = deque(maxlen=4096)  # monotonic times of scored frames
+        self.scores: deque[float] = deque(maxlen=window)  # last scores (quantiles for /metrics)
+        self.score_sum = 0.0
         self.latency = {k: deque(maxlen=window) for k in LATENCY_KEYS}
 
 
@@ -49,11 +51,14 @@ class Stats:
         self.invalid = 0
         self._infer_ms: deque[float] = deque(maxlen=window)
 
-    def record(self, camera: str, latency_ms: dict, anomalous: bool) -> None:
+    def record(self, camera: str, latency_ms: dict, anomalous: bool, score: float | None = None) -> None:
         """One scored frame of ``camera``."""
         with self._lock:
             c = self._cams[camera]
             c.inspected += 1
+            if score is not None:
+                c.scores.append(score)
+                c.score_sum += score
             c.anomalous += int(anomalous)
             c.times.append(time.monotonic())
             for k in LATENCY_KEYS:
@@ -75,6 +80,17 @@ class Stats:
     def record_error(self) -> None:
         with self._lock:
             self.inference_errors += 1
+
+    def scores(self, camera: str) -> tuple[list[float], float, int]:
+        """(the last ``window`` scores, the sum and the count of all scores) of ``camera``."""
+        with self._lock:
+            c = self._cams[camera]
+            return list(c.scores), c.score_sum, c.inspected
+
+    def counts(self, camera: str) -> dict[str, int]:
+        with self._lock:
+            c = self._cams[camera]
+            return {"inspected": c.inspected, "anomalous": c.anomalous, "invalid": c.invalid}
 
     def inspected(self, camera: str) -> int:
         with self._lock:

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="bundle graph to run (default fp32)")
     p.add_argument("--batch", type=int, default=8, help="checkpoint batch size (8)")
     p.add_argument("--overlays", type=int, default=4, help="worst cases shown per figure (4)")
+    p.add_argument("--ignore-zones", type=Path, metavar="FILE",
+                   help="ignore-zones YAML (polygons in image pixels, border_px), the file the edge camera uses: "
+                        "applied to every map and score as on the line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -67,16 +70,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from haloae.edge.zones import load_zones
+
     from . import evaluate, report
 
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
+    zones = load_zones(args.ignore_zones) if args.ignore_zones is not None else None
     if args.checkpoint is not None:
         scorer = evaluate.checkpoint_scorer(args.checkpoint, args.device, args.threads,
                                             max(args.batch, 1))
     else:
         scorer = evaluate.bundle_scorer(args.bundle, args.device, args.threads, args.precision)
-    scored = evaluate.score_dataset(scorer, args.data, progress=not args.no_progress)
+    if zones is not None:
+        scorer.info["ignore_zones"] = str(args.ignore_zones)
+    scored = evaluate.score_dataset(scorer, args.data, progress=not args.no_progress, zones=zones)
     thresholds = evaluate.choose_thresholds(scored, args.calibrate_on)
     values = evaluate.compute_metrics(scored, thresholds)
     result = report.write_report(args.out, scored, values, thresholds, scorer.source,

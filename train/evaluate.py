@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from haloae.edge.zones import IgnoreZones, ZoneSet, reduction_from_model_config
+
 from . import metrics
 from .data import DataError, Sample, find_mvtec_samples, read_image, read_mask, to_model_input
 
@@ -35,6 +37,7 @@ class Scorer:
     batch: int  # images per call (a bundle's static batch; the last batch is padded)
     source: str  # "checkpoint" | "bundle"
     info: dict[str, Any] = field(default_factory=dict)  # model id, raw thresholds, device...
+    model_config: dict[str, Any] | None = None  # ModelCfg as a dict: how the score comes from the map
 
 
 @dataclass
@@ -83,7 +86,7 @@ def checkpoint_scorer(path: Path, device: str = "auto", threads: int | None = No
             "file": str(path),
             "raw_image": thr["image_threshold"], "raw_pixel": thr["pixel_threshold"],
             "calibration_method": cal.get("method"), "calibration": _reliability(cal)}
-    return Scorer(run, model.cfg.hw, batch, "checkpoint", info)
+    return Scorer(run, model.cfg.hw, batch, "checkpoint", info, model.cfg.to_dict())
 
 
 def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = None,
@@ -119,7 +122,7 @@ def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = 
             "threads": _threads(threads),
             "file": str(path), "raw_image": thr.get("raw_image"), "raw_pixel": thr.get("raw_pixel"),
             "calibration_method": thr.get("method"), "calibration": _reliability(thr)}
-    return Scorer(run, (int(h), int(w)), n, "bundle", info)
+    return Scorer(run, (int(h), int(w)), n, "bundle", info, manifest["model"].get("config"))
 
 
 def _reliability(cal: dict[str, Any]) -> dict[str, Any]:
@@ -129,17 +132,22 @@ def _reliability(cal: dict[str, Any]) -> dict[str, Any]:
     return {k: cal[k] for k in keys if k in cal}
 
 
-def _load(sample: Sample, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    x = to_model_input(read_image(sample.path), size)
+def _load(sample: Sample, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    image = read_image(sample.path)
+    x = to_model_input(image, size)
     if sample.mask_path is not None:
         mask = read_mask(sample.mask_path, size).astype(np.uint8)
     else:
         mask = np.zeros(size, np.uint8)
-    return x, mask
+    return x, mask, (image.shape[1], image.shape[0])
 
 
-def score_dataset(scorer: Scorer, data: Path, progress: bool = True) -> ScoredSet:
-    """Score every image of ``<data>/test`` (MVTec layout) with ``scorer``."""
+def score_dataset(scorer: Scorer, data: Path, progress: bool = True,
+                  zones: IgnoreZones | None = None) -> ScoredSet:
+    """Score every image of ``<data>/test`` (MVTec layout) with ``scorer``; ``zones`` (in image
+    pixels) are applied to each map and score as the edge daemon does (``haloae.edge.zones``)."""
+    zone_set = ZoneSet(zones, "--ignore-zones") if zones is not None else None
+    reduction = reduction_from_model_config(scorer.model_config) if zones is not None else None
     samples = find_mvtec_samples(data, "test")
     if not samples:
         raise DataError(f"no test images in {data}/test")
@@ -158,7 +166,7 @@ def score_dataset(scorer: Scorer, data: Path, progress: bool = True) -> ScoredSe
     for lo in range(0, n, b):
         chunk = samples[lo:lo + b]
         loaded = [_load(smp, s) for smp in chunk]
-        x = np.stack([xi for xi, _ in loaded])
+        x = np.stack([xi for xi, _, _ in loaded])
         if len(chunk) < b:  # static batch: pad with copies of the last image
             x = np.concatenate([x, np.repeat(x[-1:], b - len(chunk), axis=0)])
         t0 = time.perf_counter()
@@ -167,7 +175,10 @@ def score_dataset(scorer: Scorer, data: Path, progress: bool = True) -> ScoredSe
         k = len(chunk)
         scores[lo:lo + k] = np.asarray(sc).reshape(-1)[:k]
         maps[lo:lo + k] = np.asarray(mp)[:k, 0]
-        masks[lo:lo + k] = np.stack([m for _, m in loaded])
+        masks[lo:lo + k] = np.stack([m for _, m, _ in loaded])
+        if zone_set is not None:
+            for j, (_, _, frame_size) in enumerate(loaded):
+                scores[lo + j], maps[lo + j] = zone_set.apply(scores[lo + j], maps[lo + j], frame_size, reduction)
         if bar is not None:
             bar.update(k)
     if bar is not None:

@@ -19,16 +19,19 @@ class Subscriber:
 
     def __init__(self, port: int, topics: list[str], client_id: str = "", persistent: bool = False,
                  username: str | None = None, password: str | None = None, tls_ca: Path | None = None,
-                 tls_cert: Path | None = None, tls_key: Path | None = None, qos: int = 1):
+                 tls_cert: Path | None = None, tls_key: Path | None = None, qos: int = 1, mqtt5: bool = False):
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.times: list[float] = []  # monotonic arrival time of each message
+        self.properties: list[dict] = []  # MQTT 5 user properties of each message (3.1.1: empty)
         self.refused: list[str] = []
         self._cv = threading.Condition()
         self._topics, self._qos = topics, qos
         self.subscribed = threading.Event()
         # 3.1.1 with clean_session=False: the broker keeps the session (and queued QoS 1
         # messages) while this client, or the broker itself, is down.
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                                  clean_session=not persistent)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+                                  **({} if mqtt5 else {"clean_session": not persistent}))
         if username:
             self.client.username_pw_set(username, password)
         if tls_ca:
@@ -50,6 +53,8 @@ class Subscriber:
     def _on_message(self, client, userdata, msg):
         with self._cv:
             self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+            self.times.append(time.monotonic())
+            self.properties.append(dict(getattr(msg.properties, "UserProperty", None) or []))
             self._cv.notify_all()
 
     def wait_subscribed(self, timeout: float = 10.0) -> None:

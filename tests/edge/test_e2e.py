@@ -1,6 +1,7 @@
 """End to end (issue 5, "Done when"): a real mosquitto, videos written with OpenCV whose
 defective frames are known, ``haloae-edge`` as a subprocess on the tiny bundle, and a paho
-subscriber checking results, masks, alarms and ``available`` (online / stopped / offline)."""
+subscriber checking results, masks, alarms and ``available`` (online / offline; a clean stop
+says ``"daemon": "stopped"`` in every camera's status)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def available(sub: Subscriber) -> list[str]:
     return [p.decode() for p in sub.on(f"{PREFIX}/available")]
 
 
+def stopped_cleanly(sub: Subscriber, cameras) -> bool:
+    """``available`` ended ``offline`` and every camera's last status says the daemon stopped."""
+    if available(sub)[-1:] != ["offline"]:
+        return False
+    last = {cam: sub.on(f"{PREFIX}/{cam}/status")[-1:] for cam in cameras}
+    return all(v and json.loads(v[0]).get("daemon") == "stopped" and json.loads(v[0])["state"] == "offline"
+               for v in last.values())
+
+
 def test_daemon_end_to_end(tmp_path, broker, tiny_bundle):
     sim = write_video(tmp_path / "defects.avi", EVERY)
     write_video(tmp_path / "clean.avi", 0)
@@ -95,7 +105,7 @@ def test_daemon_end_to_end(tmp_path, broker, tiny_bundle):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
         run_s = time.monotonic() - t0
-        sub.wait_for(lambda m: available(sub)[-1:] == ["stopped"], timeout=10)
+        sub.wait_for(lambda m: stopped_cleanly(sub, ("line", "clean")), timeout=10)
         assert "Traceback" not in err, err[-3000:]
 
         for cam in ("line", "clean"):
@@ -111,7 +121,9 @@ def test_daemon_end_to_end(tmp_path, broker, tiny_bundle):
                 mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
                 assert mask is not None and mask.shape == (256, 256), "mask PNG at frame resolution"
                 assert set(np.unique(mask)) <= {0, 255}
-            status = json.loads(sub.on(f"{PREFIX}/{cam}/status")[-1])
+            statuses = [json.loads(p) for p in sub.on(f"{PREFIX}/{cam}/status")]
+            assert statuses[-1]["state"] == "offline" and statuses[-1]["daemon"] == "stopped"
+            status = [s for s in statuses if s["daemon"] == "running"][-1]
             assert status["state"] == "ended" and status["frames"] == N_FRAMES and status["errors"] == 0
             assert status["backend"].startswith("onnxruntime")
 
@@ -131,7 +143,7 @@ def test_daemon_end_to_end(tmp_path, broker, tiny_bundle):
         assert shots["errors"] == 2 and shots["inspected"] == 4 and shots["state"] == "ended", shots
 
         # run 2: a camera file disappears and comes back, SIGHUP reloads the bundle without
-        # dropping MQTT, SIGTERM -> `stopped` and exit within 3 s
+        # dropping MQTT, SIGTERM -> a clean stop and exit within 3 s
         video = tmp_path / "defects.avi"
         cameras = [{"id": "line", "source": "synthetic", "fps": 15},
                    {"id": "vid", "source": str(video), "loop": True, "fps": 15}]
@@ -170,7 +182,7 @@ def test_daemon_end_to_end(tmp_path, broker, tiny_bundle):
         assert proc.returncode == 0 and stop_s < 3.0, f"exit code {proc.returncode} after {stop_s:.2f} s"
         assert "reload failed, still running model" in err and "sha256" in err, err[-3000:]
         assert "reloaded: model" in err and "Traceback" not in err, err[-3000:]
-        sub.wait_for(lambda m: available(sub)[-1:] == ["stopped"], timeout=5)
+        sub.wait_for(lambda m: stopped_cleanly(sub, ("line", "vid")), timeout=5)
 
         # run 3: under a systemd-like NOTIFY_SOCKET: READY=1, then WATCHDOG=1 while frames flow;
         # SIGKILL -> the broker publishes the last will `offline`

@@ -65,3 +65,40 @@ def test_monitor_json_mode_times_out_and_stops_on_ctrl_c(tmp_path, broker):
 def test_monitor_help_has_examples():
     out = run_cli(bin_path("haloae-monitor"), "--help").stdout
     assert "examples:" in out and "--save-masks" in out
+
+
+def test_monitor_says_when_the_broker_is_unreachable_or_refuses(tmp_path):
+    from conftest import Broker, free_port
+
+    port = free_port()  # nothing listens there
+    proc = subprocess.run([bin_path("haloae-monitor"), "--broker", f"127.0.0.1:{port}", "--timeout", "2"],
+                          capture_output=True, text=True, env=CHILD_ENV, timeout=30)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"cannot reach the broker 127.0.0.1:{port} (ConnectionRefusedError" in proc.stderr, proc.stderr
+    assert proc.stderr.count("cannot reach") == 1, "said once per reason, not once per retry"
+    assert "without a connection" in proc.stderr
+    strict = Broker(tmp_path / "strict", extra_conf="allow_anonymous false\n").start()
+    try:
+        proc = subprocess.run([bin_path("haloae-monitor"), "--broker", f"127.0.0.1:{strict.port}", "--timeout", "2"],
+                              capture_output=True, text=True, env=CHILD_ENV, timeout=30)
+    finally:
+        strict.stop()
+    assert proc.returncode == 1 and "refused the connection: Not authorized (reason code 0x87" in proc.stderr, proc.stderr
+
+
+def test_each_mask_names_its_frame(tmp_path, broker):
+    from mqtt_helpers import Subscriber
+
+    sub = Subscriber(broker.port, ["haloae/n1/cam0/result", "haloae/n1/cam0/mask"], mqtt5=True)
+    sub.wait_subscribed()
+    cfg = edge_config(tmp_path, broker.port, publish={"zmq_pub": None, "max_rate_hz": 0})
+    pub = Publisher(cfg, cfg.state_dir)
+    pub.start()
+    assert pub.client.wait_connected(10)
+    for i in (3, 7, 9):
+        pub.publish_result(make_result("cam0", i, anomalous=True, blob=(30, 20, 16, 16)))
+    sub.wait_for(lambda m: len(m) >= 6)
+    pub.stop()
+    sub.close()
+    masks = [props for (t, _, _), props in zip(sub.messages, sub.properties) if t.endswith("/mask")]
+    assert [m["frame_id"] for m in masks] == ["3", "7", "9"] and all(m["camera"] == "cam0" for m in masks)

@@ -25,17 +25,18 @@ def _cfg(port, **kw):
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_online_retained_on_connect_and_stopped_on_clean_stop(broker, protocol):
+def test_online_retained_on_connect_and_offline_on_clean_stop(broker, protocol):
     c = MqttClient(_cfg(broker.port, protocol=protocol), "haloae/n1", f"test-{protocol}")
     c.start()
     assert c.wait_connected(10)
     c.stop(timeout=2.0)
     assert not c.connected
-    # a subscriber arriving later sees the retained value: "stopped" (not the "offline" will)
+    # a subscriber arriving later sees the retained value "offline", published by the clean stop
+    # itself (Home Assistant reads it as unavailable; the camera statuses say it was a clean stop)
     sub = Subscriber(broker.port, [AVAIL])
     msgs = sub.wait_for(lambda m: len(m) >= 1)
     sub.close()
-    assert msgs[0] == (AVAIL, b"stopped", True)
+    assert msgs[0] == (AVAIL, b"offline", True)
 
 
 def test_online_is_published_on_every_connect(broker):

@@ -146,7 +146,7 @@ def test_status_stats_and_stop(pub_sub):
     t0 = time.monotonic()
     pub.stop(timeout=2.0)
     assert time.monotonic() - t0 < 2.5
-    sub.wait_for(lambda m: (f"{P}/available", b"stopped", False) in m)
+    sub.wait_for(lambda m: (f"{P}/available", b"offline", False) in m)
     assert any(t == f"{P}/available" and p == b"online" for t, p, _ in msgs)
 
 
@@ -218,7 +218,7 @@ def test_stop_publishes_the_queued_results_first(tmp_path, broker):
     for i in range(20):
         pub.publish_result(make_result("cam0", i, size=(320, 240)))
     pub.stop(timeout=2.0)  # right away: the queue still holds most of them
-    msgs = sub.wait_for(lambda m: (f"{P}/available", b"stopped", False) in m)
+    msgs = sub.wait_for(lambda m: (f"{P}/available", b"offline", False) in m)
     sub.close()
     assert [json.loads(p)["frame_id"] for t, p, _ in msgs if t.endswith("/result")] == list(range(20))
     assert pub.counters["dropped"] == 0
