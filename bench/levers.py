@@ -19,6 +19,13 @@ functions (`error_map`, `smooth`, `upsample`, `PositionGaussian`):
   directions (K = D: full Mahalanobis);
 - ``padim-agg`` / ``padim-raw``: PaDiM on the same aggregated / raw features (reference rows).
 
+``checkpoint`` takes a trained run instead (its Block C, its held-out split) and re-scores the
+test set post hoc with other Gaussian ranks / eps and smoothing sigmas (position statistics
+refitted on the run's position half of the held-out images each time):
+
+    python bench/levers.py checkpoint --run runs/mtd-edge --data ../shared/data/mtd \
+        --gaussians 64:0.01,176:0.01,176:0.1 --sigmas 0,4,8 --out bench/results/levers-mtd-ckpt.json
+
 It prints and writes one row per form: image / pixel AUROC, AUPRO@0.3, per-class AUROC.
 Research tool: the numbers go to docs/benchmarks.md, the shipped model is configured in
 configs/model/edge.yaml.
@@ -169,6 +176,78 @@ def study(args) -> int:
     return 0
 
 
+def checkpoint(args) -> int:
+    import torch
+
+    from haloae.train.anomaly_map import error_map, gaussian_blur_grid, upsample
+    from haloae.train import metrics
+    from haloae.train.checkpoint import load_checkpoint
+    from haloae.train.data import find_mvtec_samples, find_train_samples, split_holdout
+    from haloae.train.evaluate import _load
+    from haloae.train.fit_stats import split_calibration
+    from haloae.train.position_gaussian import PositionGaussian
+
+    torch.set_num_threads(args.threads)
+    model, ckpt = load_checkpoint(args.run / "final.pt")
+    model.eval()
+    cfg, hw = model.cfg, model.cfg.hw
+    tcfg = ckpt["train"]["config"]
+    samples, _ = find_train_samples(args.data)
+    train_s, hold_s = split_holdout(samples, tcfg["holdout_fraction"], tcfg["seed"])
+    pos_s, _ = split_calibration(hold_s, True, tcfg["seed"])
+    test_s = find_mvtec_samples(args.data, "test")
+    loaded = [_load(s, hw) for s in test_s]
+    test = {"labels": [s.label for s in test_s], "classes": [s.defect_class for s in test_s],
+            "masks": np.stack([m for _, m, _ in loaded])}
+
+    def residuals(xs):
+        out = []
+        for i in range(0, len(xs), 16):
+            x = torch.from_numpy(np.stack(xs[i:i + 16]))
+            with torch.no_grad():
+                f = model.backbone(x)
+                out.append((f - model.autoencoder(f)).half())
+        return torch.cat(out)
+
+    print("residuals of the test, position-half and training images ...", flush=True)
+    r_te = residuals([x for x, _, _ in loaded])
+    r_po = residuals([_load(s, hw)[0] for s in pos_s])
+    r_tr = residuals([_load(s, hw)[0] for s in train_s])
+    rows: list[dict] = []
+    for spec in args.gaussians.split(","):
+        rank, eps = int(spec.split(":")[0]), float(spec.split(":")[1])
+        g = PositionGaussian(r_tr.shape[1], cfg.backbone.grid_hw, 0, rank, eps=eps)
+        g.fit([r_tr[i:i + 64].float() for i in range(0, len(r_tr), 64)])
+        with torch.no_grad():
+            e_te = torch.cat([g(r_te[i:i + 32].float()) for i in range(0, len(r_te), 32)])
+            e_po = torch.cat([g(r_po[i:i + 32].float()) for i in range(0, len(r_po), 32)])
+        for sigma in [float(v) for v in args.sigmas.split(",")]:
+            blur = (lambda e: gaussian_blur_grid(e, sigma * e.shape[-2] / hw[0])) if sigma > 0 \
+                else (lambda e: e)
+            s_te, s_po = blur(e_te), blur(e_po)
+            m, sd = s_po.mean(0, keepdim=True), s_po.std(0, keepdim=True)
+            z = (s_te - m) / sd.clamp_min(0.1 * float(sd.mean()))
+            maps = upsample(z, hw)[:, 0].numpy()
+            y, classes = np.array(test["labels"]), np.array(test["classes"])
+            sc = maps.reshape(len(maps), -1).max(1)
+            r = {"form": f"gauss-k{rank}-eps{eps:g}+pos sigma {sigma:g}",
+                 "image_auroc": metrics.auroc(y, sc),
+                 "pixel_auroc": metrics.pixel_auroc(test["masks"], maps),
+                 "aupro": metrics.aupro(test["masks"], maps, 0.3)}
+            for c in sorted(set(classes) - {"good"}):
+                sel = (classes == "good") | (classes == c)
+                r[c] = metrics.auroc(y[sel], sc[sel])
+            rows.append(r)
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v)
+                           for k, v in r.items()), flush=True)
+    out = {"args": {k: str(v) for k, v in vars(args).items() if k != "func"}, "rows": rows,
+           "date": time.strftime("%Y-%m-%d")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -193,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--out", type=Path, required=True)
     s.set_defaults(func=study)
+    k = sub.add_parser("checkpoint", help="re-score a trained run with other Gaussian ranks / sigmas")
+    k.add_argument("--run", type=Path, required=True, help="training run folder (final.pt inside)")
+    k.add_argument("--data", type=Path, required=True)
+    k.add_argument("--gaussians", default="64:0.01,176:0.01", help="comma list of rank:eps")
+    k.add_argument("--sigmas", default="4", help="comma list of smoothing sigmas (input pixels)")
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--out", type=Path, required=True)
+    k.set_defaults(func=checkpoint)
     args = p.parse_args(argv)
     return args.func(args)
 

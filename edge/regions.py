@@ -63,9 +63,10 @@ def find_regions(mask: np.ndarray, amap: np.ndarray | None = None, min_area: int
 
 def analyse(r, min_area: int = 1, max_regions: int = 32) -> tuple[np.ndarray | None, np.ndarray | None, list[dict]]:
     """``(map, mask, regions)`` of a FrameResult at frame resolution, ignore zones applied (map
-    and mask are 0 inside them); ``(None, None, [])`` when no map pixel reaches the pixel
-    threshold (no resize needed)."""
-    if float(np.max(r.anomaly_map)) < r.pixel_threshold:
+    and mask are 0 inside them); ``(None, None, [])`` for a frame judged ok (a part judged ok
+    carries no defect regions, whatever the camera's threshold) and when no map pixel reaches
+    the pixel threshold (no resize needed)."""
+    if not getattr(r, "anomalous", True) or float(np.max(r.anomaly_map)) < r.pixel_threshold:
         return None, None, []
     h, w = r.frame.shape[:2]
     amap = resize_map(r.anomaly_map, w, h)

@@ -6,7 +6,8 @@ Every statistic here comes from normal images the model never trained on:
    mean / std of the smoothed grid error map (`fit_position_stats`);
 2. the rest sets the thresholds: the image threshold is a quantile of their raw image scores,
    the pixel threshold a quantile of all their raw map pixels (e.g. 0.95 and 0.999: about
-   5 % of normal parts flagged, 0.1 % of normal pixels).
+   5 % of normal parts flagged, 0.1 % of normal pixels), but never below the image threshold:
+   with the image score the map's maximum, a region then always means a part judged defective.
 
 A quantile threshold promises a false-positive rate of ``1 - quantile`` only when enough
 normal images lie above it: `min_normals` (at least 50, and 3 above the threshold). With fewer
@@ -70,8 +71,14 @@ def thresholds_from_scores(raw_image_scores: np.ndarray, raw_pixels: Optional[np
     else:
         px = np.asarray(raw_pixels, dtype=np.float32).ravel()
         pixel_thr = max(float(np.quantile(px, pixel_quantile)), MIN_THRESHOLD)
+    pixel_quantile_thr = pixel_thr
+    # A defect region is a set of pixels above the pixel threshold; with the image score the map's
+    # maximum, a pixel threshold below the image threshold would report regions on parts judged
+    # ok (and grow every region into normal texture). The floor keeps "region => defect".
+    pixel_thr = max(pixel_thr, image_thr)
     need = min_normals(image_quantile)
-    return {"image_threshold": image_thr, "pixel_threshold": pixel_thr, "method": "quantile",
+    return {"image_threshold": image_thr, "pixel_threshold": pixel_thr,
+            "pixel_quantile_threshold": pixel_quantile_thr, "method": "quantile",
             "quantile": float(image_quantile), "pixel_quantile": float(pixel_quantile),
             "promised_false_positive_rate": float(1.0 - image_quantile),
             "threshold_images": int(scores.size), "images_needed": need,

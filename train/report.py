@@ -25,7 +25,7 @@ from .evaluate import ScoredSet
 log = logging.getLogger(__name__)
 
 FORMULA = ("score = 0.5 * score_raw / raw_image, anomaly_map = 0.5 * map_raw / raw_pixel "
-           "(raw = squared feature-reconstruction error; the calibrated thresholds map to 0.5)")
+           "(raw = the anomaly map before the threshold normalisation; the calibrated thresholds map to 0.5)")
 
 
 def _plt():
