@@ -79,6 +79,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _check_source(args: argparse.Namespace) -> None:
+    """The checks of --checkpoint / --bundle that cost no model load (before the data check)."""
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        from .checkpoint import CheckpointError
+        raise CheckpointError(f"checkpoint {args.checkpoint} not found: pass the final.pt (or "
+                              "last.pt) that haloae-train wrote into its --out folder")
+    if args.bundle is not None:
+        from haloae.export.bundle import verify_bundle
+        verify_bundle(args.bundle)
+
+
 def _run(args: argparse.Namespace) -> int:
     from haloae.edge.zones import load_zones
 
@@ -87,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
     zones = load_zones(args.ignore_zones) if args.ignore_zones is not None else None
+    _check_source(args)  # cheap: the model file is there (a bundle: manifest and hashes)
     samples = evaluate.find_checked_samples(args.data)  # every file decoded before model work
     if args.checkpoint is not None:
         scorer = evaluate.checkpoint_scorer(args.checkpoint, args.device, args.threads,
