@@ -88,6 +88,9 @@ class EdgeApp:
         from .model_swap import ModelSwitch
 
         self.models = ModelSwitch(self)
+        from .feedback import FeedbackDesk
+
+        self.feedback = FeedbackDesk(self)
         from .surface import Surface  # drift; live view / metrics only when configured
 
         self.surface = Surface(self, bind=serve)
@@ -167,10 +170,12 @@ class EdgeApp:
     def _on_command(self, camera: str | None, name: str, payload: bytes) -> None:
         """A command topic (publisher thread): check the payload (CommandError refuses it) and
         queue the work for the main thread."""
-        from .commands import parse_model_set
+        from .commands import parse_feedback, parse_model_set
 
         if name == "model":
             self.models.request(parse_model_set(payload))
+        elif name == "feedback" and camera is not None:
+            self.feedback.request(camera, parse_feedback(payload))
         else:
             raise ValueError(f"command {name!r} is not handled by this daemon")
 
@@ -204,6 +209,7 @@ class EdgeApp:
                     self._reload_requested = False
                     self.reload()
                 self.models.poll()
+                self.feedback.poll()
                 dead = self._dead_worker()
                 if dead:
                     log.error("stopping: %s", dead)

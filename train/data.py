@@ -208,7 +208,7 @@ def find_folder_samples(good_dir: PathLike, defect_dirs: Optional[Iterable[PathL
 
 
 MASK_FOLDERS = ("ground_truth", "masks")  # where an eval layout's optional masks live
-_NOT_CLASSES = {*MASK_FOLDERS, "train"}
+_NOT_CLASSES = {*MASK_FOLDERS, "train", "evidence"}  # evidence/: the daemon's feedback details
 
 
 def _optional_mask_samples(folder: Path, cls: str, root: Path) -> list[Sample]:
