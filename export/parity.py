@@ -8,8 +8,12 @@ THE preprocessing (``haloae.train.data.to_model_input``).
 Tolerances (normalised units, where the calibrated threshold is 0.5; docs/bundle.md):
 
 - fp32: max |Δscore| <= 1e-4 and max |Δmap| <= 1e-3 - an export above them fails;
-- fp16: |Δ| <= 0.01 + 0.01 * |fp32 value| for scores and maps (2 % of the threshold near it,
-  1 % relative above it), and every output finite - an fp16 graph above them is not written.
+- fp16 scores: |Δ| <= 0.01 + 0.01 * |fp32 value| (2 % of the threshold near it, 1 % relative
+  above it); fp16 maps: |Δ| <= 0.05 + 0.01 * |fp32 value| (10 % of the pixel threshold: the
+  position-wise Gaussian weighs the least-variance residual directions, so fp16 rounding of
+  the input and the weights moves single map pixels by a few hundredths); every output finite.
+  An fp16 graph above them is not written. The record also counts the map pixels whose side of
+  the 0.5 threshold differs (``map_pixels_flipped``) and the image verdicts that differ.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import numpy as np
 import torch
 
 from haloae.train import data as data_mod
+from haloae.train.calibration import THRESHOLD_TARGET as THRESHOLD
 
 log = logging.getLogger(__name__)
 
 FP32_TOL = {"score": 1e-4, "map": 1e-3}
-FP16_TOL = {"atol": 0.01, "rtol": 0.01}
+FP16_TOL = {"score": {"atol": 0.01, "rtol": 0.01}, "map": {"atol": 0.05, "rtol": 0.01}}
 
 
 class ParityError(RuntimeError):
@@ -130,9 +135,14 @@ def check_fp32(ref, got) -> dict:
 
 def check_fp16(ref, got) -> dict:
     """Parity record fp16 vs fp32 graph; ``ParityError`` above ``FP16_TOL`` or on NaN/Inf."""
-    rec = {**_diff(ref, got), "tolerance": "|d| <= {atol} + {rtol} * |fp32|".format(**FP16_TOL)}
-    bound = [FP16_TOL["atol"] + FP16_TOL["rtol"] * np.abs(r) for r in ref]
-    within = all(bool(np.all(np.abs(r - g) <= b)) for r, g, b in zip(ref, got, bound))
+    ts, tm = FP16_TOL["score"], FP16_TOL["map"]
+    rec = {**_diff(ref, got),
+           "tolerance": (f"score |d| <= {ts['atol']} + {ts['rtol']} * |fp32|, "
+                         f"map |d| <= {tm['atol']} + {tm['rtol']} * |fp32|"),
+           "verdicts_flipped": int(np.sum((ref[0] > THRESHOLD) != (got[0] > THRESHOLD))),
+           "map_pixels_flipped": float(np.mean((ref[1] > THRESHOLD) != (got[1] > THRESHOLD)))}
+    within = all(bool(np.all(np.abs(r - g) <= t["atol"] + t["rtol"] * np.abs(r)))
+                 for r, g, t in zip(ref, got, (ts, tm)))
     if not (rec["finite"] and within):
         raise ParityError(f"the fp16 graph drifts from fp32 (max |Δscore| "
                           f"{rec['max_abs_score']:.3g}, max |Δmap| {rec['max_abs_map']:.3g}, "

@@ -21,6 +21,7 @@ from haloae.train.train_loop import train
 
 cfg = load_train_config(sys.argv[1])
 cfg.epochs, cfg.batch_size, cfg.warmup_steps = 1, 2, 1
+cfg.holdout_fraction = 0.45  # 4 of 9: position statistics and thresholds get 2 each
 out = Path(sys.argv[3])
 res = train(cfg, Path(sys.argv[2]), out, device="cpu", progress=False)
 h = hashlib.sha256()

@@ -93,14 +93,15 @@ def _eval_raw(*args):
 
 
 @pytest.fixture(scope="module")
-def untrained_ckpt(tmp_path_factory):
+def untrained_ckpt(tmp_path_factory, fit_untrained):
     from haloae.train.checkpoint import save_checkpoint
     from haloae.train.config import load_model_config
     from haloae.train.torch_model import create_model
 
     model = create_model(load_model_config("tiny"), pretrained=False)
+    calibration = fit_untrained(model)  # a checkpoint that loads: the data is what is wrong
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    return save_checkpoint(path, model, {"image_threshold": 1.0, "pixel_threshold": 1.0}, {})
+    return save_checkpoint(path, model, calibration, {})
 
 
 @pytest.mark.parametrize("case", ["missing-checkpoint", "junk-checkpoint", "empty-data",

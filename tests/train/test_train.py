@@ -114,6 +114,7 @@ def small_data(tmp_path_factory) -> Path:
 def _small_cfg(**kw) -> TrainCfg:
     cfg = load_train_config(REPO / "configs/train/tiny.yaml")
     cfg.epochs, cfg.batch_size, cfg.warmup_steps, cfg.threads = 2, 4, 1, 0
+    cfg.holdout_fraction = 0.4  # 4 of 10: position statistics and thresholds get 2 each
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
