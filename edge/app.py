@@ -91,6 +91,9 @@ class EdgeApp:
         from .feedback import FeedbackDesk
 
         self.feedback = FeedbackDesk(self)
+        from .recalibrate import Recalibrator
+
+        self.recalibrator = Recalibrator(self)
         from .surface import Surface  # drift; live view / metrics only when configured
 
         self.surface = Surface(self, bind=serve)
@@ -122,6 +125,7 @@ class EdgeApp:
     def _on_result(self, r) -> None:
         """From the inference thread: every inspected frame."""
         self.publisher.publish_result(r)
+        self.recalibrator.observe(r, self.publisher.alarms.active(r.camera))
         self.surface.observe(r)
 
     def _on_status(self, status: CameraStatus) -> None:
@@ -170,12 +174,14 @@ class EdgeApp:
     def _on_command(self, camera: str | None, name: str, payload: bytes) -> None:
         """A command topic (publisher thread): check the payload (CommandError refuses it) and
         queue the work for the main thread."""
-        from .commands import parse_feedback, parse_model_set
+        from .commands import parse_calibrate, parse_feedback, parse_model_set
 
         if name == "model":
             self.models.request(parse_model_set(payload))
         elif name == "feedback" and camera is not None:
             self.feedback.request(camera, parse_feedback(payload))
+        elif name == "calibrate" and camera is not None:
+            self.recalibrator.request(camera, parse_calibrate(payload))
         else:
             raise ValueError(f"command {name!r} is not handled by this daemon")
 
@@ -210,6 +216,7 @@ class EdgeApp:
                     self.reload()
                 self.models.poll()
                 self.feedback.poll()
+                self.recalibrator.poll()
                 dead = self._dead_worker()
                 if dead:
                     log.error("stopping: %s", dead)

@@ -1,4 +1,5 @@
-"""Command topics: ``<prefix>/model/set`` and ``<prefix>/<camera>/feedback/set``.
+"""Command topics: ``<prefix>/model/set``, ``<prefix>/<camera>/feedback/set`` and
+``<prefix>/<camera>/calibrate/set``.
 
 Unlike a setting (``threshold/set``: a number applied at once), a command starts work that can
 fail later (verifying and loading a bundle, filing evidence); its outcome goes to a retained
@@ -15,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 MAX_COMMAND_BYTES = 4096
-CAMERA_COMMANDS = ("feedback",)  # <prefix>/<camera>/<name>/set
+CAMERA_COMMANDS = ("feedback", "calibrate")  # <prefix>/<camera>/<name>/set
 NODE_COMMANDS = ("model",)  # <prefix>/<name>/set
 LABELS = {"ok": "good", "defect": "defect"}  # label -> the folder it is filed in
 _EVENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
@@ -101,3 +102,28 @@ def parse_feedback(payload: bytes) -> Feedback:
     if not isinstance(note, str) or not isinstance(by, str) or len(note) > 500 or len(by) > 100:
         raise CommandError(f"{what}; note (<= 500 characters) and by (<= 100) must be strings")
     return Feedback(label, event, frame_id, note, by)
+
+
+def parse_calibrate(payload: bytes) -> dict:
+    """``{"hours": 8, "false_positive_rate": 0.01}`` (a proposal), ``{"confirm": "<id>"}`` or
+    ``{"cancel": true}``."""
+    what = ('calibrate/set takes JSON {"hours": H, "false_positive_rate": R} (0 < H <= 168, '
+            '0 < R <= 0.5), {"confirm": "<proposal id>"} or {"cancel": true}')
+    text = _text(payload, what)
+    try:
+        doc: Any = json.loads(text)
+    except ValueError:
+        raise CommandError(f"{what}; got {text[:48]!r}") from None
+    if not isinstance(doc, dict):
+        raise CommandError(f"{what}; got {type(doc).__name__}")
+    if set(doc) == {"confirm"} and isinstance(doc["confirm"], str) and re.match(r"^[0-9a-f]{1,32}$", doc["confirm"]):
+        return doc
+    if doc == {"cancel": True}:
+        return doc
+    if set(doc) != {"hours", "false_positive_rate"}:
+        raise CommandError(f"{what}; got keys {', '.join(sorted(map(str, doc))) or 'none'}")
+    hours, rate = doc["hours"], doc["false_positive_rate"]
+    for name, v, hi in (("hours", hours, 168.0), ("false_positive_rate", rate, 0.5)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= hi or v != v:
+            raise CommandError(f"{what}; {name} must be a number in (0, {hi:g}], got {str(v)[:32]!r}")
+    return {"hours": float(hours), "false_positive_rate": float(rate)}
