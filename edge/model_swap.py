@@ -10,8 +10,9 @@ by the old one, so results keep flowing. On any failure the running model stays.
 
 The outcome is published retained on ``<prefix>/model/state`` (docs/mqtt.md): at start, after
 every ``model/set`` (``ok`` or ``refused`` with the reason) and after a SIGHUP reload. The
-promoted bundle lives in memory: a restart goes back to ``model.bundle`` of the YAML (edit it to
-make the promotion permanent), exactly like ``threshold/set``.
+promoted bundle lives in memory: a restart or a SIGHUP reload (which re-reads the YAML) goes
+back to ``model.bundle`` of the YAML (edit it to make the promotion permanent), exactly like
+``threshold/set``.
 """
 
 from __future__ import annotations
