@@ -83,7 +83,7 @@ def _problems(scored: ScoredSet, max_pixels: int = 4_000_000):
         idx = np.random.default_rng(0).choice(y.size, size=max_pixels, replace=False)
         y, s = y[idx], s[idx]
     cover = scored.mask_coverage()
-    pix_title = f"pixel ({cover['images']} images with masks)"
+    pix_title = f"pixel ({cover['images']} images with known masks)"
     return [(scored.labels, scored.scores, "image"), (y, s, pix_title)]
 
 
