@@ -42,6 +42,17 @@ def _text(payload: bytes, what: str) -> str:
     return text
 
 
+def _json_object(payload: bytes, what: str) -> dict[str, Any]:
+    text = _text(payload, what)
+    try:
+        doc: Any = json.loads(text)
+    except ValueError:
+        raise CommandError(f"{what}; got {text[:48]!r}") from None
+    if not isinstance(doc, dict):
+        raise CommandError(f"{what}; got {type(doc).__name__}")
+    return doc
+
+
 def parse_model_set(payload: bytes) -> str:
     """The bundle folder of a ``model/set``: an absolute path on the daemon's machine, as plain
     text or JSON ``{"path": "/opt/haloae/bundles/line7-v2"}``."""
@@ -78,13 +89,7 @@ def parse_feedback(payload: bytes) -> Feedback:
     optional ``"note"`` and ``"by"`` (short strings kept with the evidence)."""
     what = ('feedback/set takes JSON {"event": "<alarm id>", "label": "ok"|"defect"} or '
             '{"frame_id": <n>, "label": "ok"|"defect"}')
-    text = _text(payload, what)
-    try:
-        doc: Any = json.loads(text)
-    except ValueError:
-        raise CommandError(f"{what}; got {text[:48]!r}") from None
-    if not isinstance(doc, dict):
-        raise CommandError(f"{what}; got {type(doc).__name__}")
+    doc = _json_object(payload, what)
     unknown = set(doc) - {"event", "frame_id", "label", "note", "by"}
     if unknown:
         raise CommandError(f"{what}; unknown key(s) {', '.join(sorted(unknown))}")
@@ -109,13 +114,7 @@ def parse_calibrate(payload: bytes) -> dict:
     ``{"cancel": true}``."""
     what = ('calibrate/set takes JSON {"hours": H, "false_positive_rate": R} (0 < H <= 168, '
             '0 < R <= 0.5), {"confirm": "<proposal id>"} or {"cancel": true}')
-    text = _text(payload, what)
-    try:
-        doc: Any = json.loads(text)
-    except ValueError:
-        raise CommandError(f"{what}; got {text[:48]!r}") from None
-    if not isinstance(doc, dict):
-        raise CommandError(f"{what}; got {type(doc).__name__}")
+    doc = _json_object(payload, what)
     if set(doc) == {"confirm"} and isinstance(doc["confirm"], str) and re.match(r"^[0-9a-f]{1,32}$", doc["confirm"]):
         return doc
     if doc == {"cancel": True}:

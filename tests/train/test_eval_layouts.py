@@ -84,19 +84,20 @@ def test_unreadable_files_all_listed_one_line_each(tmp_path):
 
 
 def test_cli_reports_unreadable_files_before_loading_the_model(tmp_path, capsys):
-    """The checkpoint does not even exist: the data problems come first, all of them."""
+    """The checkpoint is junk (loading it would fail): the data problems come first, all of them."""
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint" * 100)
     _png(tmp_path / "d" / "good" / "g0.png", 0)
     (tmp_path / "d" / "good" / "g1.png").write_bytes(b"junk")
     (tmp_path / "d" / "bad").mkdir()
     (tmp_path / "d" / "bad" / "b0.png").write_bytes(b"junk")
-    code = eval_cli.main(["--checkpoint", str(tmp_path / "nope.pt"), "--data", str(tmp_path / "d"),
+    code = eval_cli.main(["--checkpoint", str(tmp_path / "junk.pt"), "--data", str(tmp_path / "d"),
                           "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[0].startswith("haloae-eval: error: 2 of 3 test images cannot be read"), err
     assert len(lines) == 3 and "g1.png" in lines[1] + lines[2] and "b0.png" in lines[1] + lines[2]
-    assert "nope.pt" not in err and "Traceback" not in err
+    assert "junk.pt" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing written
 
 
