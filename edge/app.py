@@ -83,7 +83,17 @@ class EdgeApp:
         self.backend, self.manifest, self.model_id = model.backend, model.manifest, model.model_id
         from .publish import Publisher  # paho & co. only once we really run
 
-        self.publisher = Publisher(self.cfg, self.cfg.state_dir, on_setting=self._on_setting)
+        self.publisher = Publisher(self.cfg, self.cfg.state_dir, on_setting=self._on_setting,
+                                   on_command=self._on_command)
+        from .model_swap import ModelSwitch
+
+        self.models = ModelSwitch(self)
+        from .feedback import FeedbackDesk
+
+        self.feedback = FeedbackDesk(self)
+        from .recalibrate import Recalibrator
+
+        self.recalibrator = Recalibrator(self)
         from .surface import Surface  # drift; live view / metrics only when configured
 
         self.surface = Surface(self, bind=serve)
@@ -103,6 +113,7 @@ class EdgeApp:
             w.start()
         for cam in cfg.cameras:
             self.publisher.set_state(cam.id, "threshold", self.inference.threshold(cam.id))
+        self.models.publish("ok", reason="start")
         self.surface.start()
         log.info("haloae-edge %s: %d camera(s), %s, model %s", cfg.node, len(cfg.cameras),
                  self.backend.description, self.model_id)
@@ -114,6 +125,7 @@ class EdgeApp:
     def _on_result(self, r) -> None:
         """From the inference thread: every inspected frame."""
         self.publisher.publish_result(r)
+        self.recalibrator.observe(r, self.publisher.alarms.active(r.camera))
         self.surface.observe(r)
 
     def _on_status(self, status: CameraStatus) -> None:
@@ -159,6 +171,23 @@ class EdgeApp:
             raise ValueError(f"setting {setting!r} is not handled by this daemon")
         self.inference.set_threshold(camera, value)
 
+    def _on_command(self, camera: str | None, name: str, payload: bytes) -> None:
+        """A command topic (publisher thread): check the payload (CommandError refuses it) and
+        queue the work for the main thread."""
+        from .commands import parse_calibrate, parse_feedback, parse_model_set
+
+        if name == "model":
+            self.models.request(parse_model_set(payload))
+        elif name == "feedback" and camera is not None:
+            self.feedback.request(camera, parse_feedback(payload))
+        elif name == "calibrate" and camera is not None:
+            self.recalibrator.request(camera, parse_calibrate(payload))
+        else:
+            raise ValueError(f"command {name!r} is not handled by this daemon")
+
+    def wake(self) -> None:
+        self._wake.set()
+
     def request_stop(self, *_) -> None:
         self._stop_requested = True
         self._wake.set()
@@ -185,6 +214,9 @@ class EdgeApp:
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload()
+                self.models.poll()
+                self.feedback.poll()
+                self.recalibrator.poll()
                 dead = self._dead_worker()
                 if dead:
                     log.error("stopping: %s", dead)
@@ -290,7 +322,7 @@ class EdgeApp:
             cfg = load_config(self.config_path) if self.config_path else self.cfg
             live, restart = config_changes(self.cfg, cfg)
             model = load_model(cfg)
-            self.inference.set_backend(model.backend, model.manifest, model.model_id)
+            self.swap_model(model, cfg.model)
         except (ConfigError, BundleError, BackendUnavailable, OSError) as e:
             return self._reload_failed(old_id, str(e))
         except Exception as e:  # noqa: BLE001 - a bug in loading: keep the running model, show the traceback
@@ -301,8 +333,6 @@ class EdgeApp:
                         "running values stay", ", ".join(restart), self.config_path)
         if live:
             log.info("reload: applying %s", ", ".join(live))
-        self.cfg.model = cfg.model
-        self.inference.batch_size = cfg.model.batch_size
         if [c.id for c in cfg.cameras] == [c.id for c in self.cfg.cameras]:
             for old, new in zip(self.cfg.cameras, cfg.cameras):
                 old.threshold = new.threshold
@@ -310,13 +340,24 @@ class EdgeApp:
             for old, new in zip(self.cfg.cameras, cfg.cameras):
                 old.ignore_zones = new.ignore_zones
             self.inference.set_zones(self.cfg.cameras)
-        self.backend = model.backend
-        self.surface.drift.set_manifest(model.manifest)
         for cam in self.cfg.cameras:
             self.publisher.set_state(cam.id, "threshold", self.inference.threshold(cam.id))
+        self.models.publish("ok", reason="reload")
         log.info("reloaded: model %s on %s", model.model_id, model.backend.description)
         self.notifier.reloaded(f"model {model.model_id} on {model.backend.description}")
         return True
+
+    def swap_model(self, model, model_cfg) -> None:
+        """Hand a verified, loaded model to the inference worker (from its next batch on) and
+        make it the daemon's model; SIGHUP and ``model/set`` both end here. Raises BundleError
+        (bad manifest thresholds) before anything changes."""
+        self.inference.set_backend(model.backend, model.manifest, model.model_id)
+        self.cfg.model = model_cfg
+        self.inference.batch_size = model_cfg.batch_size
+        self.backend, self.manifest, self.model_id = model.backend, model.manifest, model.model_id
+        self.surface.drift.set_manifest(model.manifest)
+        for cam in self.cfg.cameras:
+            self.publisher.set_state(cam.id, "threshold", self.inference.threshold(cam.id))
 
     def _reload_failed(self, model_id: str, why: str) -> bool:
         text = f"reload failed, still running model {model_id}: {' '.join(why.split())}"

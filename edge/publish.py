@@ -37,11 +37,13 @@ from .mqtt_client import MqttClient
 from .outbox import Outbox, PendingEvent
 from .payloads import dumps as _dumps
 from .payloads import result_payload, state_text, status_doc
+from .commands import MAX_COMMAND_BYTES, is_command
 from .settings import MAX_SETTING_BYTES, parse_set, split_topic
 
 log = logging.getLogger(__name__)
 
 SettingCallback = Callable[[str | None, str, Any], None]
+CommandCallback = Callable[[str | None, str, bytes], None]
 
 
 class Publisher:
@@ -49,12 +51,16 @@ class Publisher:
 
     ``on_setting(camera | None, setting, value)`` is called on the publisher's thread for a
     validated ``set`` message (camera None = all cameras); raise ValueError to reject it.
+    ``on_command(camera | None, name, payload)`` likewise for a command topic
+    (``edge/commands.py``: ``model/set``, ``<camera>/feedback/set``).
     """
 
-    def __init__(self, cfg: EdgeConfig, state_dir: Path, on_setting: SettingCallback | None = None):
+    def __init__(self, cfg: EdgeConfig, state_dir: Path, on_setting: SettingCallback | None = None,
+                 on_command: CommandCallback | None = None):
         self.cfg, self.node, self.prefix = cfg, cfg.node, cfg.prefix
         self.cameras = [c.id for c in cfg.cameras]
         self._on_setting = on_setting
+        self._on_command = on_command
         self.on_published: Callable[[Any, float], None] | None = None  # (result, capture→publish s): metrics
         self.ha = HomeAssistant(cfg.homeassistant, self.node, self.prefix, self.cameras) \
             if cfg.homeassistant.enabled else None
@@ -259,7 +265,7 @@ class Publisher:
 
     def _on_mqtt_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic.endswith("/set"):
-            self._submit(("setting", topic, payload[:MAX_SETTING_BYTES + 1], len(payload)))
+            self._submit(("setting", topic, payload[:MAX_COMMAND_BYTES + 1], len(payload)))
         elif self.ha is not None and topic == self.ha.birth_topic and payload.strip() == b"online":
             log.info("Home Assistant started (%s = online): publishing the discovery configs again", topic)
             self._publish_discovery()
@@ -385,8 +391,11 @@ class Publisher:
     def _apply_setting(self, topic: str, payload: bytes, size: int, done: dict | None = None) -> None:
         """A ``set`` message (MQTT, or the live view with ``done`` to report back to)."""
         camera, setting = split_topic(self.prefix, topic)
+        if is_command(camera, setting):
+            return self._apply_command(topic, camera, setting, payload, size)
         try:
-            camera, setting, value = parse_set(self.prefix, topic, self.cameras, payload, size)
+            camera, setting, value = parse_set(self.prefix, topic, self.cameras, payload[:MAX_SETTING_BYTES + 1],
+                                               size)
             if self._on_setting is not None:
                 self._on_setting(camera, setting, value)
         except ValueError as err:  # SettingError, or the daemon's own refusal
@@ -409,3 +418,21 @@ class Publisher:
             done["error"] = None
             done["event"].set()
 
+    def _apply_command(self, topic: str, camera: str | None, name: str, payload: bytes, size: int) -> None:
+        """A command topic: checked and queued by the daemon (``on_command``); its outcome goes to
+        the command's ``state`` topic later. A refusal goes to ``<prefix>/error`` (kind ``command``)."""
+        try:
+            if camera is not None and camera not in self.cameras:
+                raise ValueError(f"unknown camera {camera!r}; cameras: {', '.join(self.cameras)}")
+            if size > MAX_COMMAND_BYTES:
+                raise ValueError(f"payload of {size} bytes is too long (at most {MAX_COMMAND_BYTES})")
+            if self._on_command is None:
+                raise ValueError(f"{name}/set is not handled by this daemon")
+            self._on_command(camera, name, payload)
+        except ValueError as err:  # CommandError, or the daemon's own refusal
+            self.counters["settings_rejected"] += 1
+            log.warning("rejected %s: %s", topic, err)
+            self.publish_error("command", str(err), topic=topic, camera=camera, command=name,
+                               payload=payload[:64].decode("utf-8", "replace"))
+            return
+        log.info("%s/set of %s accepted", name, camera or "the node")

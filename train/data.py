@@ -5,7 +5,14 @@ Layouts understood:
 - MVTec AD: ``<root>/train/good``, ``<root>/test/<class>`` (``good`` or a defect class),
   ``<root>/ground_truth/<class>/<stem>_mask.png`` (one mask per defect image);
 - a folder of good images for users' own lines (`find_folder_samples`), with optional
-  defect folders and masks.
+  defect folders and masks;
+- for evaluation (`find_eval_samples`) also the layouts plants have: ``<root>/good`` +
+  ``<root>/bad`` or ``<root>/good`` + one folder per defect kind, masks optional
+  (``<root>/ground_truth/<kind>/`` or ``<root>/masks/<kind>/``). Defect images without a mask
+  count for image metrics only.
+
+`check_readable` decodes every file of a sample list and reports ALL unreadable ones in one
+`DataError` (one line each), before any model work.
 
 `to_model_input` is THE preprocessing (resize with INTER_AREA, RGB, scale 1/255, HWC -> CHW);
 the edge daemon re-implements exactly this in numpy/OpenCV (docs/bundle.md).
@@ -200,21 +207,121 @@ def find_folder_samples(good_dir: PathLike, defect_dirs: Optional[Iterable[PathL
     return samples
 
 
-def find_train_samples(data: PathLike) -> tuple[list[Sample], str]:
+MASK_FOLDERS = ("ground_truth", "masks")  # where an eval layout's optional masks live
+_NOT_CLASSES = {*MASK_FOLDERS, "train", "evidence"}  # evidence/: the daemon's feedback details
+
+
+def _optional_mask_samples(folder: Path, cls: str, root: Path) -> list[Sample]:
+    """Defect images of ``folder``, each with its mask if ``<root>/<ground_truth|masks>/<cls>``
+    has one (masks are optional: a defect image without one counts for image metrics)."""
+    mask_dirs = [root / m / cls for m in MASK_FOLDERS if (root / m / cls).is_dir()]
+    samples = []
+    for p in _images_or_raise(folder, f"'{cls}' defect images"):
+        mask = next((m for m in (_find_mask(d, p.stem) for d in mask_dirs) if m), None)
+        samples.append(Sample(p, 1, cls, mask))
+    missing = sum(s.mask_path is None for s in samples)
+    if mask_dirs and missing:
+        _LOG.warning("%d of %d '%s' images have no mask in %s: they count for image metrics "
+                     "only", missing, len(samples), cls, mask_dirs[0])
+    return samples
+
+
+def find_eval_samples(root: PathLike) -> list[Sample]:
+    """Labelled images for ``haloae-eval`` in the layouts users have.
+
+    - MVTec AD: ``<root>/test/good`` + ``<root>/test/<kind>``, masks in
+      ``<root>/ground_truth/<kind>/``;
+    - a plant folder: ``<root>/good`` + ``<root>/bad`` or one folder per defect kind, masks in
+      ``<root>/ground_truth/<kind>/`` or ``<root>/masks/<kind>/``.
+
+    Masks are optional in both; a defect image without one has ``mask_path`` None.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; pass a folder with good/ and bad/ "
+                        "(or test/good and test/<defect>)")
+    base = root / "test" if (root / "test").is_dir() else root
+    classes = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and (base is not root or d.name not in _NOT_CLASSES))
+    if base is root and (root / "good") not in classes:
+        found = ", ".join(f"{d.name}/" for d in classes[:6]) or "no folders"
+        raise DataError(f"{root} has no class folders for evaluation (found {found}): lay it out "
+                        "as good/ + bad/ (or good/ + one folder per defect kind), or the MVTec "
+                        "layout test/good + test/<defect>")
+    if not classes:
+        raise DataError(f"{base} has no class folders: expected test/good and test/<defect>")
+    samples: list[Sample] = []
+    for d in classes:
+        if d.name == "good":
+            samples += [Sample(p, 0, "good") for p in _images_or_raise(d, "good test images")]
+        else:
+            samples += _optional_mask_samples(d, d.name, root)
+    return samples
+
+
+def find_train_samples(data: PathLike, check: bool = True) -> tuple[list[Sample], str]:
     """Good training images of ``data``: an MVTec-layout root (train/good) or an image folder.
 
-    Returns ``(samples, kind)`` with kind "mvtec" or "folder"; raises `DataError` when empty.
+    Returns ``(samples, kind)`` with kind "mvtec" or "folder"; raises `DataError` when empty
+    (with a hint at the --data that would work) and, with ``check``, when any file cannot be
+    decoded (all of them named at once, before the model is built).
     """
     data = Path(data)
     if (data / "train" / "good").is_dir():
-        return find_mvtec_samples(data, "train"), "mvtec"
+        samples = find_mvtec_samples(data, "train")
+        if check:
+            check_readable(samples, "training images")
+        return samples, "mvtec"
     if not data.is_dir():
         raise DataError(f"data folder {data} does not exist; pass an MVTec-layout root "
                         "(with train/good/) or a folder of defect-free images")
     if not list_images(data):
-        raise DataError(f"no images in {data} and no {data / 'train' / 'good'}: pass an "
-                        "MVTec-layout root or a folder of defect-free images")
-    return find_folder_samples(data), "folder"
+        raise DataError(_no_train_images_hint(data))
+    samples = find_folder_samples(data)
+    if check:
+        check_readable(samples, "training images")
+    return samples, "folder"
+
+
+def _no_train_images_hint(data: Path) -> str:
+    """Why ``data`` holds no training images, and the --data that would work."""
+    base = f"no images in {data} and no {data / 'train' / 'good'}"
+    subdirs = sorted(d for d in data.iterdir() if d.is_dir() and not d.name.startswith("."))
+    with_images = [d for d in subdirs if list_images(d)]
+    if (data / "good") in with_images:
+        n = len(list_images(data / "good"))
+        return (f"{base}; {data / 'good'} holds {n} images: train on them with "
+                f"--data {data / 'good'} (defect folders stay out of training), or move them to "
+                f"{data / 'train' / 'good'} (MVTec layout)")
+    if (data / "train") in with_images:
+        return (f"{base}; the images are directly in {data / 'train'}: move them to "
+                f"{data / 'train' / 'good'} or pass --data {data / 'train'}")
+    if with_images:
+        names = ", ".join(f"{d.name}/" for d in with_images[:5])
+        return (f"{base}; images are only in subfolders ({names}): pass the folder of "
+                f"defect-free images itself, e.g. --data {with_images[0]}")
+    return f"{base}: pass an MVTec-layout root or a folder of defect-free images"
+
+
+def check_readable(samples: Sequence[Sample], what: str = "images") -> None:
+    """Decode every image and mask of ``samples``; raise one `DataError` that lists every
+    unreadable file (one line each) so that a user fixes them all in one go."""
+    problems: list[str] = []
+    for s in samples:
+        try:
+            read_image(s.path)
+        except ImageReadError as exc:
+            problems.append(str(exc))
+        if s.mask_path is not None:
+            try:
+                _decode(s.mask_path, cv2.IMREAD_GRAYSCALE)
+            except ImageReadError as exc:
+                problems.append(f"mask of {s.path.name}: {exc}")
+    if problems:
+        n = len(problems)
+        head = (f"{n} of {len(samples)} {what} cannot be read (nothing was computed; replace or "
+                "remove each and run again):")
+        raise DataError("\n".join([head, *(f"  {p}" for p in problems)]))
 
 
 def split_holdout(samples: Sequence[Sample], fraction: float,

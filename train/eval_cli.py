@@ -21,12 +21,21 @@ examples:
   # the exported bundle through ONNX Runtime (what the edge runs), same metric code
   haloae-eval --bundle bundles/tiny --data data/synth --out reports/tiny-bundle
 
+  # a plant folder: line7/good/*.png + line7/bad/*.png (or one folder per defect kind);
+  # masks optional in line7/ground_truth/<kind>/<name>_mask.png
+  haloae-eval --bundle /opt/haloae/bundle --data line7 --out reports/line7
+
   # MTD, 2 CPU threads, thresholds that maximise F1 on the test set (optimistic)
   haloae-eval --checkpoint runs/mtd/final.pt --data ../shared/data/mtd --out reports/mtd \\
       --threads 2 --calibrate-on test-f1
 
-OUT gets metrics.json, report.md, roc.png, score_hist.png, worst_false_negatives.png and
-worst_false_positives.png. Scores are normalised: the calibrated thresholds sit at 0.5
+Layouts of --data: MVTec (test/good, test/<kind>, ground_truth/<kind>) or good/ + bad/ (or
+good/ + one folder per defect kind). Defect images without a mask count for the image metrics;
+pixel metrics are over the images with masks (report.md says which). Every file is decoded
+first: all unreadable ones are listed at once, before the model is loaded (exit 2).
+
+OUT gets metrics.json, report.md, scores.csv, roc.png (log false-positive axis), pr.png,
+score_hist.png, worst_false_negatives.png and worst_false_positives.png. Scores are normalised: the calibrated thresholds sit at 0.5
 (score = 0.5 * score_raw / raw_image_threshold).
 """
 
@@ -39,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=Path, help="final.pt written by haloae-train")
     src.add_argument("--bundle", type=Path, help="bundle folder written by haloae-export")
     p.add_argument("--data", type=Path, required=True,
-                   help="MVTec-layout root: test/<class>/ and ground_truth/<class>/")
+                   help="labelled images: good/ + bad/ (or good/ + <kind>/ folders), or an "
+                        "MVTec root (test/<class>/, ground_truth/<class>/); masks optional")
     p.add_argument("--out", type=Path, required=True, help="report folder (created)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--threads", type=int, help="torch / ONNX Runtime CPU threads (all cores)")
@@ -69,6 +79,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _check_source(args: argparse.Namespace) -> None:
+    """The checks of --checkpoint / --bundle that cost no model load (before the data check)."""
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        from .checkpoint import CheckpointError
+        raise CheckpointError(f"checkpoint {args.checkpoint} not found: pass the final.pt (or "
+                              "last.pt) that haloae-train wrote into its --out folder")
+    if args.bundle is not None:
+        from haloae.export.bundle import verify_bundle
+        verify_bundle(args.bundle)
+
+
 def _run(args: argparse.Namespace) -> int:
     from haloae.edge.zones import load_zones
 
@@ -77,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
     zones = load_zones(args.ignore_zones) if args.ignore_zones is not None else None
+    _check_source(args)  # cheap: the model file is there (a bundle: manifest and hashes)
+    samples = evaluate.find_checked_samples(args.data)  # every file decoded before model work
     if args.checkpoint is not None:
         scorer = evaluate.checkpoint_scorer(args.checkpoint, args.device, args.threads,
                                             max(args.batch, 1))
@@ -84,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         scorer = evaluate.bundle_scorer(args.bundle, args.device, args.threads, args.precision)
     if zones is not None:
         scorer.info["ignore_zones"] = str(args.ignore_zones)
-    scored = evaluate.score_dataset(scorer, args.data, progress=not args.no_progress, zones=zones)
+    scored = evaluate.score_dataset(scorer, samples, progress=not args.no_progress, zones=zones)
     thresholds = evaluate.choose_thresholds(scored, args.calibrate_on)
     values = evaluate.compute_metrics(scored, thresholds)
     result = report.write_report(args.out, scored, values, thresholds, scorer.source,

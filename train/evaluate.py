@@ -21,7 +21,8 @@ import numpy as np
 from haloae.edge.zones import IgnoreZones, ZoneSet, reduction_from_model_config
 
 from . import metrics
-from .data import DataError, Sample, find_mvtec_samples, read_image, read_mask, to_model_input
+from .data import (DataError, Sample, check_readable, find_eval_samples, read_image, read_mask,
+                   to_model_input)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,27 @@ class ScoredSet:
     paths: list[str]
     ms_per_image: float  # model forward time per image (batched; padding included)
     ms_per_image_total: float  # reading + preprocessing + model
+    has_mask: np.ndarray | None = None  # [N] bool: ground truth known per pixel (good images and
+    # defect images with a mask); None = all. Pixel metrics use only these images.
+
+    def __post_init__(self) -> None:
+        if self.has_mask is None:
+            self.has_mask = np.ones(len(self.scores), bool)
+
+    def pixel_subset(self) -> tuple[np.ndarray, np.ndarray]:
+        """(masks, maps) of the images whose masks are known: the pixel metrics' images."""
+        return self.masks[self.has_mask], self.maps[self.has_mask]
+
+    def mask_coverage(self) -> dict[str, Any]:
+        """Which images the pixel metrics cover (the report states it)."""
+        defect = self.labels == 1
+        without = defect & ~self.has_mask
+        classes = np.array(self.classes)
+        return {"images": int(self.has_mask.sum()), "good": int(np.sum(~defect & self.has_mask)),
+                "defect_with_mask": int(np.sum(defect & self.has_mask)),
+                "defect_without_mask": int(without.sum()),
+                "classes_without_masks": {c: int(np.sum(without & (classes == c)))
+                                          for c in sorted(set(classes[without]))}}
 
 
 def _threads(threads: int | None) -> int:
@@ -142,15 +164,24 @@ def _load(sample: Sample, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray
     return x, mask, (image.shape[1], image.shape[0])
 
 
-def score_dataset(scorer: Scorer, data: Path, progress: bool = True,
+def find_checked_samples(data: Path) -> list[Sample]:
+    """The labelled images of ``data`` (`data.find_eval_samples` layouts), every file decoded
+    once: all unreadable ones are reported together, before any model is loaded."""
+    samples = find_eval_samples(data)
+    if not samples:
+        raise DataError(f"no test images in {data}")
+    check_readable(samples, "test images")
+    return samples
+
+
+def score_dataset(scorer: Scorer, data: Path | list[Sample], progress: bool = True,
                   zones: IgnoreZones | None = None) -> ScoredSet:
-    """Score every image of ``<data>/test`` (MVTec layout) with ``scorer``; ``zones`` (in image
-    pixels) are applied to each map and score as the edge daemon does (``haloae.edge.zones``)."""
+    """Score every labelled image of ``data`` (a folder in a `data.find_eval_samples` layout,
+    or its samples) with ``scorer``; ``zones`` (in image pixels) are applied to each map and
+    score as the edge daemon does (``haloae.edge.zones``)."""
     zone_set = ZoneSet(zones, "--ignore-zones") if zones is not None else None
     reduction = reduction_from_model_config(scorer.model_config) if zones is not None else None
-    samples = find_mvtec_samples(data, "test")
-    if not samples:
-        raise DataError(f"no test images in {data}/test")
+    samples = find_checked_samples(data) if isinstance(data, (str, Path)) else list(data)
     n, s, b = len(samples), scorer.size, scorer.batch
     scores = np.empty(n, np.float32)
     maps = np.empty((n, *s), np.float32)
@@ -186,7 +217,8 @@ def score_dataset(scorer: Scorer, data: Path, progress: bool = True,
     total = time.perf_counter() - start
     return ScoredSet(scores, maps, np.array([smp.label for smp in samples]), masks,
                      [smp.defect_class for smp in samples], [str(smp.path) for smp in samples],
-                     1000.0 * model_time / n, 1000.0 * total / n)
+                     1000.0 * model_time / n, 1000.0 * total / n,
+                     np.array([smp.label == 0 or smp.mask_path is not None for smp in samples]))
 
 
 def choose_thresholds(scored: ScoredSet, method: str = "holdout") -> dict[str, Any]:
@@ -202,12 +234,15 @@ def choose_thresholds(scored: ScoredSet, method: str = "holdout") -> dict[str, A
         raise ValueError(f"--calibrate-on {method}: use one of {', '.join(CALIBRATIONS)}")
     _, image_thr = metrics.f1_max(scored.labels, scored.scores)
     pix_labels, pix_scores = _pixel_subsample(scored)
-    _, pixel_thr = metrics.f1_max(pix_labels, pix_scores)
+    pixel_thr = 0.5  # no mask: nothing to tune the pixel threshold on
+    if pix_labels.size and pix_labels.min() != pix_labels.max():
+        _, pixel_thr = metrics.f1_max(pix_labels, pix_scores)
     return {"method": "test-f1", "image": image_thr, "pixel": pixel_thr}
 
 
 def _pixel_subsample(scored: ScoredSet, max_pixels: int = 4_000_000):
-    y, s = scored.masks.reshape(-1), scored.maps.reshape(-1)
+    masks, maps = scored.pixel_subset()
+    y, s = masks.reshape(-1), maps.reshape(-1)
     if y.size > max_pixels:
         idx = np.random.default_rng(0).choice(y.size, size=max_pixels, replace=False)
         y, s = y[idx], s[idx]
@@ -225,6 +260,38 @@ def recall_per_class(scored: ScoredSet, threshold: float) -> dict[str, float]:
     return out
 
 
+def _pixel_metrics(scored: ScoredSet) -> dict[str, Any]:
+    """Pixel AUROC and AUPRO over the images with known masks (None without any defect mask)."""
+    masks, maps = scored.pixel_subset()
+    cover = scored.mask_coverage()
+    if cover["defect_with_mask"] == 0:
+        return {"pixel_auroc": None, "aupro": None, "pixel_metrics_over": cover}
+    return {"pixel_auroc": metrics.pixel_auroc(masks, maps),
+            "aupro": metrics.aupro(masks, maps, max_fpr=0.3), "pixel_metrics_over": cover}
+
+
+def region_sizes(scored: ScoredSet, pixel_threshold: float) -> dict[str, Any] | None:
+    """How large the predicted defect (map >= ``pixel_threshold``) is against the true mask, per
+    defect image with a mask: the area ratio predicted / true and the IoU (None without masks).
+    A ratio of 3 means the reported region sizes overstate that defect three-fold."""
+    sel = np.flatnonzero((scored.labels == 1) & scored.has_mask)
+    sel = sel[[bool(scored.masks[i].any()) for i in sel]] if sel.size else sel
+    if sel.size == 0:
+        return None
+    pred = scored.maps[sel] >= pixel_threshold
+    true = scored.masks[sel].astype(bool)
+    area_p = pred.reshape(len(sel), -1).sum(axis=1).astype(np.float64)
+    area_t = true.reshape(len(sel), -1).sum(axis=1).astype(np.float64)
+    inter = (pred & true).reshape(len(sel), -1).sum(axis=1)
+    union = (pred | true).reshape(len(sel), -1).sum(axis=1)
+    ratio, iou = area_p / area_t, inter / np.maximum(union, 1)
+    q = lambda v, p: float(np.quantile(v, p))  # noqa: E731
+    return {"images": int(sel.size), "pixel_threshold": float(pixel_threshold),
+            "area_ratio_median": q(ratio, 0.5), "area_ratio_p10": q(ratio, 0.1),
+            "area_ratio_p90": q(ratio, 0.9), "iou_median": q(iou, 0.5),
+            "missed": int(np.sum(inter == 0))}
+
+
 def compute_metrics(scored: ScoredSet, thresholds: dict[str, Any]) -> dict[str, Any]:
     """Threshold-free metrics plus the confusion counts at ``thresholds['image']``."""
     f1, f1_thr = metrics.f1_max(scored.labels, scored.scores)
@@ -234,8 +301,7 @@ def compute_metrics(scored: ScoredSet, thresholds: dict[str, Any]) -> dict[str, 
     fn, tn = int(np.sum(~pred & y)), int(np.sum(~pred & ~y))
     return {
         "image_auroc": metrics.auroc(scored.labels, scored.scores),
-        "pixel_auroc": metrics.pixel_auroc(scored.masks, scored.maps),
-        "aupro": metrics.aupro(scored.masks, scored.maps, max_fpr=0.3),
+        **_pixel_metrics(scored),
         "image_f1_max": f1, "image_f1_max_threshold": f1_thr,
         "per_class": metrics.per_class_auroc(scored.labels, scored.scores, scored.classes),
         "n_images": int(len(scored.scores)), "n_good": int(np.sum(~y)), "n_defect": int(np.sum(y)),
@@ -243,5 +309,6 @@ def compute_metrics(scored: ScoredSet, thresholds: dict[str, Any]) -> dict[str, 
                          "recall": tp / max(tp + fn, 1), "precision": tp / max(tp + fp, 1),
                          "false_positive_rate": fp / max(fp + tn, 1),
                          "recall_per_class": recall_per_class(scored, thresholds["image"])},
+        "region_sizes": region_sizes(scored, thresholds["pixel"]),
         "ms_per_image": scored.ms_per_image, "ms_per_image_total": scored.ms_per_image_total,
     }

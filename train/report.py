@@ -1,8 +1,9 @@
 """The ``haloae-eval`` report: metrics.json, report.md and PNG figures (matplotlib, Agg).
 
-Figures: ``roc.png`` (image and pixel ROC), ``score_hist.png`` (good vs defective image
-scores with the threshold line), ``worst_false_negatives.png`` / ``worst_false_positives.png``
-(image | heat map | predicted mask | ground truth). ``scores.csv`` lists every image's score.
+Figures: ``roc.png`` (image and pixel ROC, log false-positive axis, the operating point),
+``pr.png`` (precision-recall), ``score_hist.png`` (good vs defective image scores with the
+threshold line), ``worst_false_negatives.png`` / ``worst_false_positives.png`` (image | heat
+map with a colour bar | predicted mask | ground truth). ``scores.csv`` lists every image's score.
 """
 
 from __future__ import annotations
@@ -50,30 +51,99 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def plot_roc(scored: ScoredSet, path: Path, max_pixels: int = 4_000_000) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    y, s = scored.masks.reshape(-1), scored.maps.reshape(-1)
+def _curves(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+    """ROC and precision-recall points of one binary problem (thinned for plotting)."""
+    fpr, tpr, thr = metrics.roc_curve(labels, scores, max_points=4000)
+    n_pos, n_neg = int(np.sum(labels)), int(np.size(labels) - np.sum(labels))
+    tp, fp = tpr * n_pos, fpr * n_neg
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-12), 1.0)
+    return {"fpr": fpr, "tpr": tpr, "thr": thr, "precision": precision, "n_neg": n_neg,
+            "n_pos": n_pos}
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the precision-recall curve (step-wise, as scikit-learn's average_precision)."""
+    c = _curves(labels, scores)
+    return float(np.sum(np.diff(c["tpr"]) * c["precision"][1:]))
+
+
+def _operating_point(labels, scores, threshold):
+    pred = scores >= threshold
+    y = labels.astype(bool)
+    tpr = float(np.sum(pred & y) / max(y.sum(), 1))
+    fpr = float(np.sum(pred & ~y) / max((~y).sum(), 1))
+    prec = float(np.sum(pred & y) / max(pred.sum(), 1))
+    return fpr, tpr, prec
+
+
+def _problems(scored: ScoredSet, max_pixels: int = 4_000_000):
+    masks, maps = scored.pixel_subset()
+    y, s = masks.reshape(-1), maps.reshape(-1)
     if y.size > max_pixels:
         idx = np.random.default_rng(0).choice(y.size, size=max_pixels, replace=False)
         y, s = y[idx], s[idx]
-    for ax, (labels, scores, title) in zip(axes, [(scored.labels, scored.scores, "image"),
-                                                  (y, s, "pixel")]):
-        if labels.min() == labels.max():
+    cover = scored.mask_coverage()
+    pix_title = f"pixel ({cover['images']} images with known masks)"
+    return [(scored.labels, scored.scores, "image"), (y, s, pix_title)]
+
+
+def plot_roc(scored: ScoredSet, path: Path, thresholds: dict[str, float] | None = None) -> None:
+    """Image and pixel ROC with a LOG false-positive axis (the useful range of an inspector is
+    FPR 0.1-5 %, which a linear axis squeezes into its left edge) and the operating point."""
+    plt = _plt()
+    thresholds = thresholds or {"image": 0.5, "pixel": 0.5}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, (labels, scores, title), key in zip(axes, _problems(scored), ("image", "pixel")):
+        if labels.size == 0 or labels.min() == labels.max():
             ax.set_title(f"{title} ROC: one class only")
+            ax.axis("off")
             continue
-        fpr, tpr, _ = metrics.roc_curve(labels, scores, max_points=2000)
-        ax.plot(fpr, tpr, lw=2, label=f"AUROC {metrics.auroc(labels, scores):.3f}")
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate",
-               title=f"{title} ROC", xlim=(0, 1), ylim=(0, 1.01))
-        ax.legend(loc="lower right")
+        c = _curves(labels, scores)
+        floor = 0.5 / max(c["n_neg"], 1)  # below one false positive: where the log axis starts
+        ax.step(np.maximum(c["fpr"], floor), c["tpr"], where="post", lw=2,
+                label=f"AUROC {metrics.auroc(labels, scores):.3f}")
+        fpr, tpr, _ = _operating_point(labels, scores, thresholds[key])
+        ax.plot([max(fpr, floor)], [tpr], "ko",
+                label=f"threshold {thresholds[key]:.3g}: FPR {100 * fpr:.2g} %, TPR {tpr:.3f}")
+        ax.set_xscale("log")
+        ax.set(xlabel="false positive rate (log)", ylabel="true positive rate (recall)",
+               title=f"{title} ROC", xlim=(floor, 1), ylim=(0, 1.01))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pr(scored: ScoredSet, path: Path, thresholds: dict[str, float] | None = None) -> None:
+    """Precision-recall curves (image, pixel): what share of alarms are real at each recall."""
+    plt = _plt()
+    thresholds = thresholds or {"image": 0.5, "pixel": 0.5}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, (labels, scores, title), key in zip(axes, _problems(scored), ("image", "pixel")):
+        if labels.size == 0 or labels.min() == labels.max():
+            ax.set_title(f"{title} PR: one class only")
+            ax.axis("off")
+            continue
+        c = _curves(labels, scores)
+        ap = float(np.sum(np.diff(c["tpr"]) * c["precision"][1:]))
+        ax.step(c["tpr"], c["precision"], where="post", lw=2, label=f"average precision {ap:.3f}")
+        base = c["n_pos"] / (c["n_pos"] + c["n_neg"])
+        ax.axhline(base, color="k", ls=":", lw=0.8, label=f"chance {base:.3g}")
+        _, tpr, prec = _operating_point(labels, scores, thresholds[key])
+        ax.plot([tpr], [prec], "ko", label=f"threshold {thresholds[key]:.3g}: recall {tpr:.3f}, "
+                                            f"precision {prec:.3f}")
+        ax.set(xlabel="recall", ylabel="precision", title=f"{title} precision-recall",
+               xlim=(0, 1), ylim=(0, 1.01))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_histogram(scored: ScoredSet, threshold: float, path: Path) -> None:
+    """Good vs defective image scores (densities, so a small defect set stays visible)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lo = min(float(scored.scores.min()), threshold)
@@ -82,11 +152,14 @@ def plot_histogram(scored: ScoredSet, threshold: float, path: Path) -> None:
     bins = np.linspace(lo - pad, hi + pad, 50)
     clipped = np.clip(scored.scores, bins[0], bins[-1])
     good, bad = clipped[scored.labels == 0], clipped[scored.labels == 1]
-    ax.hist(good, bins=bins, alpha=0.6, label=f"good ({good.size})", color="tab:green")
-    ax.hist(bad, bins=bins, alpha=0.6, label=f"defective ({bad.size})", color="tab:red")
+    n_fp, n_fn = int(np.sum(good >= threshold)), int(np.sum(bad < threshold))
+    ax.hist(good, bins=bins, alpha=0.6, label=f"good ({good.size}; {n_fp} above)",
+            color="tab:green", density=True)
+    ax.hist(bad, bins=bins, alpha=0.6, label=f"defective ({bad.size}; {n_fn} below)",
+            color="tab:red", density=True)
     ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3g}")
-    ax.set(xlabel="image score (normalised; last bin holds everything above)", ylabel="images",
-           title="image scores: good vs defective")
+    ax.set(xlabel="image score (normalised; last bin holds everything above)",
+           ylabel="share of images (density)", title="image scores: good vs defective")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -110,24 +183,34 @@ def _worst(scored: ScoredSet, threshold: float, k: int) -> dict[str, tuple[list[
 
 def plot_overlays(scored: ScoredSet, rows: list[int], title: str, pixel_thr: float,
                   path: Path) -> None:
+    """image | heat map with a colour bar (threshold marked) | predicted mask | ground truth."""
     plt = _plt()
     n = max(len(rows), 1)
-    fig, axes = plt.subplots(n, 4, figsize=(12, 3.1 * n), squeeze=False)
-    size = scored.maps.shape[-1]
+    fig, axes = plt.subplots(n, 4, figsize=(13, 3.1 * n), squeeze=False)
+    h, w = scored.maps.shape[-2:]
+    vmax = 2.0 * pixel_thr  # threshold = the middle colour
     for r, i in enumerate(rows):
-        rgb = cv2.resize(read_image(scored.paths[i]), (size, size), interpolation=cv2.INTER_AREA)
-        heat = np.clip(scored.maps[i] / (2.0 * pixel_thr), 0, 1)  # threshold = middle colour
-        panels = [(rgb, f"{Path(scored.paths[i]).name} ({scored.classes[i]})"),
-                  (heat, f"heat map, score {scored.scores[i]:.3g}"),
-                  ((scored.maps[i] >= pixel_thr).astype(np.float32),
-                   f"predicted mask (map >= {pixel_thr:.3g})"),
-                  (scored.masks[i].astype(np.float32), "ground truth")]
-        for c, (img, label) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(img, cmap=None if img.ndim == 3 else ("jet" if c == 1 else "gray"),
-                      vmin=0, vmax=1 if img.ndim == 2 else None)
-            ax.set_title(label, fontsize=8)
-            ax.axis("off")
+        rgb = cv2.resize(read_image(scored.paths[i]), (w, h), interpolation=cv2.INTER_AREA)
+        pred = scored.maps[i] >= pixel_thr
+        gt = ("ground truth" if scored.has_mask[i] or scored.labels[i] == 0
+              else "ground truth: no mask")
+        ax = axes[r]
+        ax[0].imshow(rgb)
+        ax[0].set_title(f"{Path(scored.paths[i]).name} ({scored.classes[i]})", fontsize=8)
+        im = ax[1].imshow(scored.maps[i], cmap="jet", vmin=0, vmax=vmax)
+        ax[1].set_title(f"anomaly map, score {scored.scores[i]:.3g}", fontsize=8)
+        bar = fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.02)
+        bar.ax.axhline(pixel_thr, color="w", lw=2)
+        bar.set_ticks([0, pixel_thr, vmax])
+        bar.ax.tick_params(labelsize=7)
+        ax[2].imshow(pred, cmap="gray", vmin=0, vmax=1)
+        ax[2].set_title(f"predicted mask (map >= {pixel_thr:.3g}): {int(pred.sum())} px",
+                        fontsize=8)
+        ax[3].imshow(scored.masks[i], cmap="gray", vmin=0, vmax=1)
+        ax[3].set_title(f"{gt}: {int(scored.masks[i].sum())} px" if "no mask" not in gt else gt,
+                        fontsize=8)
+        for a in ax:
+            a.axis("off")
     if not rows:
         axes[0, 0].set_title("no images")
     fig.suptitle(title, fontsize=10)
@@ -149,6 +232,8 @@ def _markdown(m: dict[str, Any]) -> str:
         f"| AUPRO@0.3 | {f(m['aupro'])} |", f"| image F1-max | {f(m['image_f1_max'])} |",
         f"| ms / image (model) | {m['ms_per_image']:.1f} |",
         f"| ms / image (with reading + preprocessing) | {m['ms_per_image_total']:.1f} |", "",
+        *_coverage_lines(m.get("pixel_metrics_over")),
+        *_region_lines(m.get("region_sizes")),
         "Image AUROC per defect class (that class vs all good images):", "",
         "| class | AUROC |", "|---|---|",
         *[f"| {k} | {f(v)} |" for k, v in m["per_class"].items()], "",
@@ -169,6 +254,35 @@ def _markdown(m: dict[str, Any]) -> str:
         "Compare `haloae-eval --checkpoint` with `--bundle` on the same data to see how far the "
         "deployed scores are from the training-side ones.", ""]
     return "\n".join(lines)
+
+
+def _coverage_lines(cover: dict[str, Any] | None) -> list[str]:
+    """Which images the pixel metrics are over (defect images without masks are not)."""
+    if not cover:
+        return []
+    line = (f"Image metrics: all images. Pixel metrics (pixel AUROC, AUPRO, pixel ROC/PR): the "
+            f"{cover['images']} images with known masks ({cover['good']} good, "
+            f"{cover['defect_with_mask']} defective with a mask).")
+    if cover["defect_without_mask"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in cover["classes_without_masks"].items())
+        line += (f" {cover['defect_without_mask']} defective images have no mask ({kinds}) and "
+                 "count for image metrics only.")
+    if not cover["defect_with_mask"]:
+        line += " No defect image has a mask: pixel metrics are n/a."
+    return [line, ""]
+
+
+def _region_lines(sizes: dict[str, Any] | None) -> list[str]:
+    """Region sizes at the pixel threshold against the masks: how far reported areas are off."""
+    if not sizes:
+        return []
+    return [f"Region sizes at the pixel threshold {sizes['pixel_threshold']:.3g} (what the daemon "
+            f"reports as `regions[].area`), over {sizes['images']} defect images with masks: "
+            f"predicted area / true area median {sizes['area_ratio_median']:.2f} "
+            f"(10-90 %: {sizes['area_ratio_p10']:.2f}-{sizes['area_ratio_p90']:.2f}), IoU "
+            f"median {sizes['iou_median']:.2f}, {sizes['missed']} defects not touched by the "
+            "predicted mask. A ratio above 1 means reported sizes overstate defects by that "
+            "factor.", ""]
 
 
 def _calibration_lines(cal: dict[str, Any], method: str) -> list[str]:
@@ -202,9 +316,10 @@ def write_report(out: Path, scored: ScoredSet, metric_values: dict[str, Any],
     metrics dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_roc(scored, out / "roc.png")
+    plot_roc(scored, out / "roc.png", thresholds)
+    plot_pr(scored, out / "pr.png", thresholds)
     plot_histogram(scored, thresholds["image"], out / "score_hist.png")
-    figures = ["roc.png", "score_hist.png"]
+    figures = ["roc.png", "pr.png", "score_hist.png"]
     for name, (rows, title) in _worst(scored, thresholds["image"], overlays).items():
         plot_overlays(scored, rows, title, thresholds["pixel"], out / f"{name}.png")
         figures.append(f"{name}.png")

@@ -109,11 +109,15 @@ def untrained_ckpt(tmp_path_factory, fit_untrained):
 def test_errors_are_one_line_exit_2(tmp_path, untrained_ckpt, case, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
+    valid = tmp_path / "valid"  # readable data: the junk checkpoint is found after the data check
+    for kind in ("good", "bad"):
+        (valid / kind).mkdir(parents=True)
+        cv2.imwrite(str(valid / kind / "0.png"), np.zeros((16, 16, 3), np.uint8))
     (tmp_path / "junk.pt").write_bytes(untrained_ckpt.read_bytes()[:3000])  # interrupted copy
     args, expected = {
         "missing-checkpoint": (["--checkpoint", tmp_path / "nope.pt", "--data", empty],
                                "not found"),
-        "junk-checkpoint": (["--checkpoint", tmp_path / "junk.pt", "--data", empty],
+        "junk-checkpoint": (["--checkpoint", tmp_path / "junk.pt", "--data", valid],
                             "not a readable HaloAE checkpoint"),
         "empty-data": (["--checkpoint", untrained_ckpt, "--data", empty], "no class folders"),
         "bad-bundle": (["--bundle", empty, "--data", empty], "manifest.json is missing"),
