@@ -31,7 +31,12 @@ THRESHOLD = 0.75
 
 def write_video(path: Path, defect_every: int, n: int = N_FRAMES) -> LineSimulator:
     sim = LineSimulator(size=256, seed=11, run_length=RUN, defect_every=defect_every)
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (256, 256))
+    # Lossless (FFV1, MJPG only where OpenCV lacks it), as the demo: the tiny model was trained on
+    # PNG frames, and JPEG artefacts are a distribution shift its position-wise Gaussian sees
+    # (on a line, train on frames collected through the camera: haloae-collect).
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 10, (256, 256))
+    if not vw.isOpened():
+        vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (256, 256))
     for i in range(n):
         vw.write(cv2.cvtColor(sim.frame(i)[0], cv2.COLOR_RGB2BGR))
     vw.release()

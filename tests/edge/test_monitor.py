@@ -54,7 +54,7 @@ def test_monitor_json_mode_times_out_and_stops_on_ctrl_c(tmp_path, broker):
     pub.publish_result(make_result("cam1", 5))
     time.sleep(0.5)
     mon.send_signal(signal.SIGINT)
-    out, err = mon.communicate(timeout=10)
+    out, err = mon.communicate(timeout=30)
     pub.stop()
     assert mon.returncode == 0 and "Traceback" not in err
     docs = [json.loads(ln) for ln in out.splitlines()]

@@ -89,7 +89,7 @@ def test_thresholds_are_quantiles_of_normal_scores():
     assert cal["pixel_quantile_threshold"] == pytest.approx(0.5)
     assert cal["pixel_threshold"] == cal["image_threshold"]  # floor: a region means a defect
     high = thresholds_from_scores(scores / 1000, pixels, image_quantile=0.9, pixel_quantile=0.9)
-    assert high["pixel_threshold"] == pytest.approx(0.9) > high["image_threshold"]
+    assert high["pixel_threshold"] == pytest.approx(0.9) and high["pixel_threshold"] > high["image_threshold"]
     assert cal["normal_scores"]["n"] == 100 and cal["normal_scores"]["max"] == 100
     assert cal["normal_scores"]["p50"] == pytest.approx(50.5)
     zero = thresholds_from_scores(np.zeros(3), np.zeros(9))
