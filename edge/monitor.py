@@ -15,8 +15,10 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -154,11 +156,17 @@ def main(argv=None) -> int:
     if args.tls_ca:
         client.tls_set(ca_certs=str(args.tls_ca))
     client.connect_async(host, int(port or (8883 if args.tls_ca else 1883)))
+    stopped = threading.Event()  # Ctrl-C / SIGTERM: a flag polled below, never an exception
+    for sig in (signal.SIGINT, signal.SIGTERM):  # raised inside paho or a lock wait
+        signal.signal(sig, lambda *_: stopped.set())
     client.loop_start()
-    try:
-        finished = mon.done.wait(args.timeout)
-    except KeyboardInterrupt:
-        finished = True
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    while not (mon.done.is_set() or stopped.is_set()):
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        mon.done.wait(0.2 if left is None else min(0.2, left))
+    finished = mon.done.is_set() or stopped.is_set()
     client.disconnect()
     client.loop_stop()
     if not finished and not mon.connected_once:
