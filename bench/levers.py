@@ -74,10 +74,15 @@ def cache(args) -> int:
 
 
 def _evaluate(name, grid, test, cfg, rows):
-    from haloae.train import metrics
     from haloae.train.anomaly_map import smooth, upsample
 
-    maps = upsample(smooth(grid.float(), cfg.map, cfg.hw), cfg.hw)[:, 0].numpy()
+    _row(name, upsample(smooth(grid.float(), cfg.map, cfg.hw), cfg.hw)[:, 0].numpy(), test, rows)
+
+
+def _row(name, maps, test, rows):
+    """One result row (image / pixel AUROC, AUPRO, per-class AUROC) of full-size ``maps``."""
+    from haloae.train import metrics
+
     y, classes = np.array(test["labels"]), np.array(test["classes"])
     s = maps.reshape(len(maps), -1).max(1)
     r = {"form": name, "image_auroc": metrics.auroc(y, s),
@@ -179,8 +184,7 @@ def study(args) -> int:
 def checkpoint(args) -> int:
     import torch
 
-    from haloae.train.anomaly_map import error_map, gaussian_blur_grid, upsample
-    from haloae.train import metrics
+    from haloae.train.anomaly_map import gaussian_blur_grid, upsample
     from haloae.train.checkpoint import load_checkpoint
     from haloae.train.data import find_mvtec_samples, find_train_samples, split_holdout
     from haloae.train.evaluate import _load
@@ -227,19 +231,8 @@ def checkpoint(args) -> int:
             s_te, s_po = blur(e_te), blur(e_po)
             m, sd = s_po.mean(0, keepdim=True), s_po.std(0, keepdim=True)
             z = (s_te - m) / sd.clamp_min(0.1 * float(sd.mean()))
-            maps = upsample(z, hw)[:, 0].numpy()
-            y, classes = np.array(test["labels"]), np.array(test["classes"])
-            sc = maps.reshape(len(maps), -1).max(1)
-            r = {"form": f"gauss-k{rank}-eps{eps:g}+pos sigma {sigma:g}",
-                 "image_auroc": metrics.auroc(y, sc),
-                 "pixel_auroc": metrics.pixel_auroc(test["masks"], maps),
-                 "aupro": metrics.aupro(test["masks"], maps, 0.3)}
-            for c in sorted(set(classes) - {"good"}):
-                sel = (classes == "good") | (classes == c)
-                r[c] = metrics.auroc(y[sel], sc[sel])
-            rows.append(r)
-            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v)
-                           for k, v in r.items()), flush=True)
+            _row(f"gauss-k{rank}-eps{eps:g}+pos sigma {sigma:g}", upsample(z, hw)[:, 0].numpy(),
+                 test, rows)
     out = {"args": {k: str(v) for k, v in vars(args).items() if k != "func"}, "rows": rows,
            "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
