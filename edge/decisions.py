@@ -49,6 +49,12 @@ class AlarmDesk:
         with self._lock:
             return self._trackers.get(camera) is not None and self._trackers[camera].active_id is not None
 
+    def active_id(self, camera: str) -> str | None:
+        """The id of the alarm running on ``camera``, else None."""
+        with self._lock:
+            tracker = self._trackers.get(camera)
+            return None if tracker is None else tracker.active_id
+
     def close(self, camera: str, reason: str) -> None:
         """End a running alarm of ``camera`` (``camera_offline``, ``camera_ended``)."""
         with self._lock:

@@ -7,7 +7,10 @@ need its own event loop thread and brings more than two routes need).
 
 Routes (``live_view``): ``/`` the page, ``/api/state`` its JSON, ``/camera/<id>/latest.jpg``,
 ``/camera/<id>/stream.mjpg`` (``multipart/x-mixed-replace``), ``POST /api/camera/<id>/threshold``
-(JSON ``{"value": "0.62"}``, handed to the same code as an MQTT ``threshold/set``);
+(JSON ``{"value": "0.62"}``, handed to the same code as an MQTT ``threshold/set``),
+``POST /api/model`` (``{"path": "/var/lib/haloae/bundle-2"}``) and ``POST /api/camera/<id>/feedback``
+(``{"event": "...", "label": "ok"}``): the payloads of ``model/set`` and ``feedback/set``, handed to
+the same command path (202; the outcome follows on the command's ``state`` topic);
 (``metrics``) ``/metrics``.
 
 Security: bound to a loopback address by default, where the Host header must name a loopback
@@ -44,6 +47,8 @@ BOUNDARY = "haloae-frame"
 MAX_BODY = 1024
 _CAMERA_ROUTE = re.compile(r"^/camera/([A-Za-z0-9_-]{1,64})/(latest\.jpg|stream\.mjpg)$")
 _THRESHOLD_ROUTE = re.compile(r"^/api/camera/([A-Za-z0-9_-]{1,64})/threshold$")
+_FEEDBACK_ROUTE = re.compile(r"^/api/camera/([A-Za-z0-9_-]{1,64})/feedback$")
+MODEL_ROUTE = "/api/model"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -51,9 +56,11 @@ class Routes:
     """What the server serves; the handler only speaks HTTP."""
 
     def __init__(self, cfg: HttpConfig, cameras: list[str], liveview=None, metrics=None,
-                 state: Callable[[], dict] | None = None, set_threshold: Callable[[str, bytes], str | None] | None = None):
+                 state: Callable[[], dict] | None = None, set_threshold: Callable[[str, bytes], str | None] | None = None,
+                 command: Callable[[str | None, str, bytes], str | None] | None = None):
         self.cfg, self.cameras = cfg, set(cameras)
         self.liveview, self.metrics, self.state, self.set_threshold = liveview, metrics, state, set_threshold
+        self.command = command  # model/set, <camera>/feedback/set: the MQTT command path
         self.password = cfg.password()
         self.page = PAGE.read_bytes() if cfg.live_view else b""
 
@@ -229,37 +236,54 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._allowed():
             return
         r, path = self.routes, urlsplit(self.path).path
-        m = _THRESHOLD_ROUTE.match(path)
-        if r.liveview is None or m is None or m.group(1) not in r.cameras:
+        thr, fb = _THRESHOLD_ROUTE.match(path), _FEEDBACK_ROUTE.match(path)
+        cam = (thr or fb).group(1) if (thr or fb) else None
+        known = (thr is not None or (r.command is not None and (fb is not None or path == MODEL_ROUTE)))
+        if r.liveview is None or not known or (cam is not None and cam not in r.cameras):
             self._send(HTTPStatus.NOT_FOUND, b"not found\n")
             return
+        body = self._json_body()
+        if body is None:
+            return
+        if fb is not None or path == MODEL_ROUTE:  # the command's JSON goes on as its payload
+            name = "feedback" if fb is not None else "model"
+            error = r.command(cam, name, body)
+            if error is None:
+                topic = f"{cam}/feedback" if cam else "model"
+                self._json(HTTPStatus.ACCEPTED, {"accepted": name, "outcome_on": f"{topic}/state"})
+            else:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": error})
+            return
+        try:
+            value = json.loads(body)["value"]
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            self._json(HTTPStatus.BAD_REQUEST, {"error": 'the body must be {"value": "0.62"}'})
+            return
+        error = r.set_threshold(cam, str(value).encode())
+        if error is None:
+            self._json(HTTPStatus.OK, {"camera": cam, "threshold": str(value)})
+        else:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": error})
+
+    def _json_body(self) -> bytes | None:
+        """The request's JSON body (same-origin, 1..MAX_BODY bytes), else None after an error reply."""
         if self.headers.get_content_type() != "application/json":
             self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send JSON: Content-Type: application/json"})
-            return
+            return None
         origin = self.headers.get("Origin")
         if origin and urlsplit(origin).netloc != self.headers.get("Host", ""):
             self._json(HTTPStatus.FORBIDDEN, {"error": f"cross-origin request from {origin} refused"})
-            return
+            return None
         try:
             size = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             size = -1
         if not 0 < size <= MAX_BODY:
             self._json(HTTPStatus.BAD_REQUEST, {"error": f"a JSON body of 1..{MAX_BODY} bytes is needed"})
-            return
-        try:
-            doc = json.loads(self.rfile.read(size))
-            value = doc["value"]
-            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            self._json(HTTPStatus.BAD_REQUEST, {"error": 'the body must be {"value": "0.62"}'})
-            return
-        error = r.set_threshold(m.group(1), str(value).encode())
-        if error is None:
-            self._json(HTTPStatus.OK, {"camera": m.group(1), "threshold": str(value)})
-        else:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": error})
+            return None
+        return self.rfile.read(size)
 
 
 def _host_name(host: str) -> str:

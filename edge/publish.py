@@ -161,6 +161,15 @@ class Publisher:
         done["event"].wait(timeout)
         return done["error"]
 
+    def apply_command(self, topic: str, payload: bytes, timeout: float = 5.0) -> str | None:
+        """A command (``model/set``, ``<camera>/feedback/set``) from the live view, through the same
+        path as an MQTT one; None when accepted (its outcome follows on the command's ``state``
+        topic), else why it was refused."""
+        done = {"event": threading.Event(), "error": "the publisher did not handle it in time"}
+        self._submit(("setting", topic, payload[:MAX_COMMAND_BYTES + 1], len(payload), done))
+        done["event"].wait(timeout)
+        return done["error"]
+
     def _refresh_statuses(self) -> None:
         """Publish every camera's last status again (a dead letter, an outbox problem changed)."""
         for s in list(self._last_status.values()):
@@ -392,7 +401,7 @@ class Publisher:
         """A ``set`` message (MQTT, or the live view with ``done`` to report back to)."""
         camera, setting = split_topic(self.prefix, topic)
         if is_command(camera, setting):
-            return self._apply_command(topic, camera, setting, payload, size)
+            return self._apply_command(topic, camera, setting, payload, size, done)
         try:
             camera, setting, value = parse_set(self.prefix, topic, self.cameras, payload[:MAX_SETTING_BYTES + 1],
                                                size)
@@ -418,7 +427,8 @@ class Publisher:
             done["error"] = None
             done["event"].set()
 
-    def _apply_command(self, topic: str, camera: str | None, name: str, payload: bytes, size: int) -> None:
+    def _apply_command(self, topic: str, camera: str | None, name: str, payload: bytes, size: int,
+                       done: dict | None = None) -> None:
         """A command topic: checked and queued by the daemon (``on_command``); its outcome goes to
         the command's ``state`` topic later. A refusal goes to ``<prefix>/error`` (kind ``command``)."""
         try:
@@ -434,5 +444,11 @@ class Publisher:
             log.warning("rejected %s: %s", topic, err)
             self.publish_error("command", str(err), topic=topic, camera=camera, command=name,
                                payload=payload[:64].decode("utf-8", "replace"))
+            if done is not None:
+                done["error"] = str(err)
+                done["event"].set()
             return
         log.info("%s/set of %s accepted", name, camera or "the node")
+        if done is not None:
+            done["error"] = None
+            done["event"].set()

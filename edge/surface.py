@@ -39,7 +39,7 @@ class Surface:
             from .http_server import HttpServer, Routes
 
             routes = Routes(cfg.http, [c.id for c in cfg.cameras], self.liveview, self.metrics, self.state,
-                            self.set_threshold)
+                            self.set_threshold, self.command)
             self.server = HttpServer(routes)  # binds now: a port in use is a ConfigError (exit 2)
 
     # -- inference thread --------------------------------------------------------------------
@@ -75,6 +75,11 @@ class Surface:
         """The live view's slider: the same path as ``<prefix>/<camera>/threshold/set``."""
         return self.app.publisher.apply_setting(f"{self.app.cfg.prefix}/{camera}/threshold/set", payload)
 
+    def command(self, camera: str | None, name: str, payload: bytes) -> str | None:
+        """The live view's model and feedback buttons: the same path as ``<prefix>/[<camera>/]<name>/set``."""
+        topic = f"{self.app.cfg.prefix}/{camera}/{name}/set" if camera else f"{self.app.cfg.prefix}/{name}/set"
+        return self.app.publisher.apply_command(topic, payload)
+
     def state(self) -> dict:
         """The page's JSON (``/api/state``)."""
         app = self.app
@@ -88,6 +93,7 @@ class Surface:
                 "verdict": None if r is None else ("defect" if r.anomalous else "ok"),
                 "frame_id": None if r is None else int(r.frame_id),
                 "threshold": app.inference.threshold(cam.id), "alarm": app.publisher.alarms.active(cam.id),
+                "alarm_id": app.publisher.alarms.active_id(cam.id),
                 "drift": self.drift.snapshot(cam.id), "history": self.liveview.history(cam.id)})
         return {"v": 1, "node": app.cfg.node, "prefix": app.cfg.prefix, "model": app.inference.model_id,
                 "backend": app.backend.description, "mqtt_connected": app.publisher.connected, "cameras": cameras}

@@ -150,3 +150,38 @@ def test_port_in_use_and_missing_password_are_config_errors(tmp_path, broker):
             app.prepare()
         app.publisher.outbox.close()
     assert Path(tmp_path / "bundle").is_dir()
+
+
+def test_page_commands_take_the_mqtt_command_path(tmp_path, broker):
+    """The page's "load model" and feedback buttons: POSTs handed to the same code as
+    ``model/set`` and ``<camera>/feedback/set``; a refusal answers at once, an accepted command
+    reports its outcome on the retained state topic, and the old model keeps inspecting."""
+    bundle = make_toy_bundle(tmp_path / "bundle")
+    cameras = [{"id": "cam0", "source": "synthetic", "fps": 20}]
+    sub = Subscriber(broker.port, [f"{PREFIX}/model/state", f"{PREFIX}/cam0/feedback/state"])
+    with running_daemon(tmp_path, broker, bundle, cameras, http={"live_view": True}) as app:
+        wait(lambda: app.stats.inspected("cam0") >= 5, 20, "5 inspected frames")
+        js = {"Content-Type": "application/json"}
+        page = request(app, "GET", "/")[2]
+        assert b"load model" in page and b"false alarm (ok)" in page
+        status, _, body = request(app, "POST", "/api/model", b'{"path": "bundles/v2"}', js)
+        assert status == 400 and "relative path" in json.loads(body)["error"]
+        model = app.inference.model_id
+        nowhere = json.dumps({"path": str(tmp_path / "nowhere")}).encode()
+        status, _, body = request(app, "POST", "/api/model", nowhere, js)
+        assert status == 202 and json.loads(body)["outcome_on"] == "model/state"
+        states = lambda: [json.loads(p) for p in sub.on(f"{PREFIX}/model/state")]  # noqa: E731
+        wait(lambda: any(s["state"] == "refused" for s in states()), 20, "model/state refused")
+        assert "not a folder" in [s for s in states() if s["state"] == "refused"][-1]["error"]
+        n = app.stats.inspected("cam0")
+        wait(lambda: app.stats.inspected("cam0") > n + 5, 20, "inspection going on")
+        assert app.inference.model_id == model
+        post = "/api/camera/cam0/feedback"
+        status, _, body = request(app, "POST", post, b'{"frame_id": 3, "label": "maybe"}', js)
+        assert status == 400 and "label" in json.loads(body)["error"]
+        status, _, _ = request(app, "POST", post, b'{"frame_id": 999999, "label": "ok"}', js)
+        assert status == 202
+        fb = lambda: [json.loads(p) for p in sub.on(f"{PREFIX}/cam0/feedback/state")]  # noqa: E731
+        wait(lambda: fb() and fb()[-1]["state"] == "not_found", 20, "feedback/state not_found")
+        assert request(app, "POST", "/api/camera/nocam/feedback", b'{"label": "ok"}', js)[0] == 404
+    sub.close()
