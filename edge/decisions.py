@@ -46,8 +46,7 @@ class AlarmDesk:
 
     def active(self, camera: str) -> bool:
         """Whether an alarm runs on ``camera``."""
-        with self._lock:
-            return self._trackers.get(camera) is not None and self._trackers[camera].active_id is not None
+        return self.active_id(camera) is not None
 
     def active_id(self, camera: str) -> str | None:
         """The id of the alarm running on ``camera``, else None."""

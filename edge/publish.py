@@ -154,19 +154,13 @@ class Publisher:
                 self._submit(("retained", topic, payload))
 
     def apply_setting(self, topic: str, payload: bytes, timeout: float = 5.0) -> str | None:
-        """A ``<setting>/set`` from another input (the live view's slider), through the same path as
-        an MQTT one; waits for it: None when applied, else why it was refused."""
+        """A ``<setting>/set`` or a command (``model/set``, ``<camera>/feedback/set``) from another
+        input (the live view), through the same path as an MQTT one; waits for it: None when
+        applied (a command: accepted, its outcome follows on its ``state`` topic), else why it
+        was refused."""
         done = {"event": threading.Event(), "error": "the publisher did not handle it in time"}
-        self._submit(("setting", topic, payload[:MAX_SETTING_BYTES + 1], len(payload), done))
-        done["event"].wait(timeout)
-        return done["error"]
-
-    def apply_command(self, topic: str, payload: bytes, timeout: float = 5.0) -> str | None:
-        """A command (``model/set``, ``<camera>/feedback/set``) from the live view, through the same
-        path as an MQTT one; None when accepted (its outcome follows on the command's ``state``
-        topic), else why it was refused."""
-        done = {"event": threading.Event(), "error": "the publisher did not handle it in time"}
-        self._submit(("setting", topic, payload[:MAX_COMMAND_BYTES + 1], len(payload), done))
+        limit = max(MAX_SETTING_BYTES, MAX_COMMAND_BYTES) + 1  # each path checks its own limit
+        self._submit(("setting", topic, payload[:limit], len(payload), done))
         done["event"].wait(timeout)
         return done["error"]
 

@@ -66,7 +66,7 @@ def analyse(r, min_area: int = 1, max_regions: int = 32) -> tuple[np.ndarray | N
     and mask are 0 inside them); ``(None, None, [])`` for a frame judged ok (a part judged ok
     carries no defect regions, whatever the camera's threshold) and when no map pixel reaches
     the pixel threshold (no resize needed)."""
-    if not getattr(r, "anomalous", True) or float(np.max(r.anomaly_map)) < r.pixel_threshold:
+    if not r.anomalous or float(np.max(r.anomaly_map)) < r.pixel_threshold:
         return None, None, []
     h, w = r.frame.shape[:2]
     amap = resize_map(r.anomaly_map, w, h)

@@ -78,7 +78,7 @@ class Surface:
     def command(self, camera: str | None, name: str, payload: bytes) -> str | None:
         """The live view's model and feedback buttons: the same path as ``<prefix>/[<camera>/]<name>/set``."""
         topic = f"{self.app.cfg.prefix}/{camera}/{name}/set" if camera else f"{self.app.cfg.prefix}/{name}/set"
-        return self.app.publisher.apply_command(topic, payload)
+        return self.app.publisher.apply_setting(topic, payload)
 
     def state(self) -> dict:
         """The page's JSON (``/api/state``)."""
