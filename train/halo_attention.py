@@ -26,7 +26,9 @@ data-dependent control flow and uses only Concat, Expand, Gather, Reshape, Trans
 Add and Softmax (no Pad / Where / Im2Col / Einsum); the bias Gather on constants is folded by
 the exporter, ONNX Runtime and TensorRT. K/V windows come from two constant-index gathers
 (rows, then columns) on the channels-last map with one zero row and column appended; window
-positions outside the map point at them.
+positions outside the map point at them. A level whose one block covers the whole map
+with no halo (the small levels of a coarse code) skips the gathers and the mask: plain global
+attention, the same result.
 """
 from __future__ import annotations
 
@@ -107,6 +109,10 @@ class HaloAttention(nn.Module):
         self.block_size, self.halo_size = block_size, halo_size
         self.win_size = block_size + 2 * halo_size
         self.num_blocks = (H // block_size) * (W // block_size)
+        # one block covering the whole map: its halo is all padding (weight 0), so this is
+        # plain global attention over the map: no window gather and no padding mask, only the
+        # bias columns of the keys inside the map (the small levels of a coarse code)
+        self.global_window = self.num_blocks == 1
         self.scale = dim_head ** -0.5
         kw = dict(device=device, dtype=dtype)
         self.q = nn.Linear(dim, heads * dim_head, bias=qkv_bias, **kw)  # on channels-last pixels
@@ -119,12 +125,18 @@ class HaloAttention(nn.Module):
         self.register_buffer("col_index", col_index, persistent=False)  # [nbw*w]
         key_mask = torch.zeros(pad_mask.shape, **kw).masked_fill(pad_mask, MASK_VALUE)
         self.register_buffer("key_mask", key_mask[..., None], persistent=False)  # [nb, w*w, 1]
+        inside = (~pad_mask[0]).nonzero().reshape(-1)  # window positions on the map, row-major
+        self.register_buffer("inside_keys", inside, persistent=False)  # [H*W] for one block
 
     def bias(self) -> torch.Tensor:
-        """Relative position bias [nh, 1, b*b, w*w] (the same for every block)."""
+        """Relative position bias [nh, 1, b*b, w*w] (the same for every block); for a
+        `global_window` layer only the keys on the map: [nh, 1, H*W, H*W]."""
         b, w = self.block_size, self.win_size
         bias = self.rel_bias.index_select(1, self.rel_index)  # [nh, b*b*w*w]
-        return bias.reshape(self.heads, 1, b * b, w * w)  # [nh, 1, b*b, w*w]
+        bias = bias.reshape(self.heads, 1, b * b, w * w)  # [nh, 1, b*b, w*w]
+        if self.global_window and self.halo_size:
+            bias = bias.index_select(3, self.inside_keys)  # [nh, 1, H*W, H*W]
+        return bias
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, feat_size={self.feat_size}, heads={self.heads}, "
@@ -132,7 +144,8 @@ class HaloAttention(nn.Module):
                 f"halo_size={self.halo_size}")
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):
-        """x [N, dim, H, W] -> out [N, heads*dim_head, H, W] (and attn [N, heads, nb, b*b, w*w])."""
+        """x [N, dim, H, W] -> out [N, heads*dim_head, H, W] (and attn [N, heads, nb, b*b, w*w];
+        [N, heads, 1, H*W, H*W] for a `global_window` layer: the keys on the map only)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.dim, *self.feat_size):
             raise ValueError(f"HaloAttention expects [N, {self.dim}, {self.feat_size[0]}, "
                              f"{self.feat_size[1]}], got {list(x.shape)}")
@@ -149,6 +162,11 @@ class HaloAttention(nn.Module):
 
         kv = self.kv(x)  # [N, H, W, 2*nh*d]
         n, c = kv.shape[0], kv.shape[-1]
+        if self.global_window:  # the window is the map itself: nothing to gather or mask
+            kv = kv.reshape(-1, H * W, 2, nh, d).permute(2, 0, 3, 1, 4)  # [2, N, nh, H*W, d]
+            k, v = kv[0].unsqueeze(2), kv[1].unsqueeze(2)  # [N, nh, 1, w*w, d]
+            logits = torch.matmul(q, k.transpose(-1, -2))  # [N, nh, 1, b*b, w*w]
+            return self._finish(logits, v, return_attn)
         kv = torch.cat([kv, kv.new_zeros(n, 1, W, c)], dim=1)  # [N, H+1, W, 2*nh*d]: zero row
         kv = torch.cat([kv, kv.new_zeros(n, H + 1, 1, c)], dim=2)  # [N, H+1, W+1, 2*nh*d]
         kv = kv.index_select(1, self.row_index)  # [N, nbh*w, W+1, 2*nh*d]
@@ -162,6 +180,13 @@ class HaloAttention(nn.Module):
         q = torch.cat([q, q.new_ones(n, nh, nb, b * b, 1)], dim=-1)  # [N, nh, nb, b*b, d+1]
         k = torch.cat([k, self.key_mask.expand(n, nh, nb, w * w, 1)], dim=-1)  # [.., w*w, d+1]
         logits = torch.matmul(q, k.transpose(-1, -2))  # [N, nh, nb, b*b, w*w]
+        return self._finish(logits, v, return_attn)
+
+    def _finish(self, logits: torch.Tensor, v: torch.Tensor, return_attn: bool):
+        """logits [N, nh, nb, b*b, w*w], v [N, nh, nb, w*w, d] -> out [N, nh*d, H, W]."""
+        H, W = self.feat_size
+        b, nh, d = self.block_size, self.heads, self.dim_head
+        nbh, nbw = H // b, W // b
         attn = (logits + self.bias()).softmax(dim=-1)  # padding: MASK_VALUE + bias -> weight 0
 
         out = torch.matmul(attn, v)  # [N, nh, nb, b*b, d]

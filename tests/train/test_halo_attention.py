@@ -42,7 +42,9 @@ def naive_halo_attention(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("size,block,halo,heads", [(8, 4, 1, 2), (6, 2, 2, 1), ((4, 8), 4, 3, 2)])
+@pytest.mark.parametrize("size,block,halo,heads", [(8, 4, 1, 2), (6, 2, 2, 1), ((4, 8), 4, 3, 2),
+                                                    (8, 8, 0, 2), (4, 4, 0, 1), (8, 8, 2, 2),
+                                                    ((4, 4), 4, 1, 1)])
 def test_matches_naive_reference(size, block, halo, heads):
     torch.manual_seed(0)
     layer = HaloAttention(8, size, heads=heads, block_size=block, halo_size=halo, qkv_bias=True)
@@ -53,6 +55,7 @@ def test_matches_naive_reference(size, block, halo, heads):
         want = naive_halo_attention(layer, x)
     assert got.shape == (2, 8, H, W)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert layer.global_window == (block == H == W)  # the single-window path
 
 
 def test_padding_gets_exactly_zero_weight():
