@@ -112,10 +112,12 @@ class ResultSink:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
+        from haloae.edge import topics
+
         self.items: list[tuple[float, dict]] = []
         self.ready = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
-        self.client.on_connect = lambda c, *a: c.subscribe(f"{prefix}/+/result", qos=0)
+        self.client.on_connect = lambda c, *a: c.subscribe(topics.every_camera(prefix, topics.RESULT), qos=0)
         self.client.on_subscribe = lambda *a: self.ready.set()
         self.client.on_message = lambda c, u, m: self.items.append((time.monotonic(), json.loads(m.payload)))
         self.client.connect("127.0.0.1", port)

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from haloae.edge import topics
+
 NODE = "soak"
 PREFIX = f"haloae/{NODE}"
 ALARM_LINE = re.compile(r"\balarm (start|update|end) (\S+) on (\S+)")
@@ -116,17 +118,19 @@ class Listener:
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
         if not reason.is_failure:
             self.connects += 1
-            client.subscribe([(f"{PREFIX}/+/alarm", 1), (f"{PREFIX}/+/result", 0), (f"{PREFIX}/stats", 0)])
+            client.subscribe([(topics.every_camera(PREFIX, topics.ALARM), 1), (topics.every_camera(PREFIX, topics.RESULT), 0),
+                              (topics.stats(PREFIX), 0)])
 
     def _on_message(self, client, userdata, msg) -> None:
         with self._lock:
-            if msg.topic.endswith("/alarm"):
+            kind = topics.kind_of(msg.topic)
+            if kind == topics.ALARM:
                 ev = json.loads(msg.payload)
                 self.alarm_messages += 1
                 self.events.setdefault((ev["id"], int(ev["seq"])), ev)
-            elif msg.topic.endswith("/result"):
+            elif kind == topics.RESULT:
                 self.results += 1
-            elif msg.topic.endswith("/stats"):
+            elif kind == topics.STATS:
                 self.stats, self.stats_at = json.loads(msg.payload), time.monotonic()
 
     def close(self) -> None:

@@ -12,21 +12,22 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from haloae.validate import check_client_id, check_identifier, check_prefix, check_threshold, mqtt_text_problem
+from haloae.validate import check_client_id, check_identifier, check_prefix, mqtt_text_problem
 
 from .config_base import Strict as _Strict
 from .config_base import check_credential_name, check_env_name, secret
 from .config_surface import DriftConfig, HomeAssistantConfig, HttpConfig, http_password_problem
+from .sources import AnyCamera, kind_names, split_error_location, with_kind
+from .sources import CameraConfig  # noqa: F401 - the base of every camera kind, for annotations
 from .yaml_file import read_yaml
-from .zones import IgnoreZones, ZonesError, load_zones, parse_zones
+from .zones import ZonesError, load_zones
 
 EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
 _HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
-Roi = Annotated[tuple[StrictInt, ...], Field(strict=False)]
 _NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
@@ -37,71 +38,6 @@ class ConfigError(ValueError):
 def _ordered(low: float, high: float, low_name: str, high_name: str) -> None:
     if low > high:
         raise ValueError(f"{low_name} ({low:g}) must be <= {high_name} ({high:g})")
-
-
-class CameraConfig(_Strict):
-    id: str = Field(description="camera id used in MQTT topics: letters, digits, '_' or '-'")
-    source: str = Field(description="V4L2 index ('0') or path ('/dev/video0'), rtsp:// or http(s):// URL, "
-                        "GStreamer pipeline ending in 'appsink', video file, image folder, or 'synthetic'")
-    kind: Literal["auto", "v4l2", "url", "gstreamer", "file", "folder", "synthetic"] = Field(
-        "auto", description="how to open the source; auto guesses from the source string")
-    loop: bool = Field(False, description="restart a video file or image folder at its end")
-    lossless: bool = Field(False, description="never drop frames: capture waits for inference instead of "
-                           "handing over only the newest frame (replaying recordings, tests, benchmarks; "
-                           "not for live cameras, whose frames would lag)")
-    fps: float | None = Field(None, gt=0, description="cap on frames per second taken from the source")
-    roi: Roi | None = Field(None, description="region of interest x, y, width, height in pixels")
-    threshold: float | None = Field(None, description="per-camera image threshold override: a number in (0, 10] "
-                                    "(normalised units; default from the bundle: 0.5)")
-    seed: int = Field(0, description="synthetic source only: seed of the simulated line")
-    defect_every: int = Field(3, ge=0, description="synthetic source only: every n-th run of frames is defective (0 = never)")
-    lighting: float = Field(1.0, gt=0, le=4, description="synthetic source only: brightness gain of the simulated "
-                            "lighting (1 = as in the training data), from frame lighting_from_frame on")
-    lighting_from_frame: int = Field(0, ge=0, description="synthetic source only: first frame lit with `lighting` "
-                                     "(earlier frames: 1); simulates a lamp that dims")
-    ignore_zones: IgnoreZones | Annotated[Path, Field(strict=False)] | None = Field(
-        None, description="polygons (frame pixels, after roi) and border_px whose anomalies are ignored: a YAML "
-        "file (relative to this config; the same file haloae-eval --ignore-zones takes) or the mapping itself")
-
-    @field_validator("id")
-    @classmethod
-    def _check_id(cls, v: str) -> str:
-        return check_identifier(v, "the camera id")
-
-    @field_validator("ignore_zones", mode="before")
-    @classmethod
-    def _check_zones(cls, v):
-        """A mapping is validated here (one message with its key path), a string names a file."""
-        if isinstance(v, dict):
-            try:
-                return parse_zones(v, "ignore zones")
-            except ZonesError as err:
-                raise ValueError(str(err).removeprefix("ignore zones: ")) from None
-        if isinstance(v, str):
-            return Path(v)
-        return v
-
-    @field_validator("source")
-    @classmethod
-    def _check_source(cls, v: str) -> str:
-        problem = mqtt_text_problem(v) if v else "it is empty"
-        if problem:
-            raise ValueError(f"invalid source {v!r}: {problem}")
-        return v
-
-    @field_validator("threshold")
-    @classmethod
-    def _check_threshold(cls, v: float | None) -> float | None:
-        return None if v is None else check_threshold(v)
-
-    @field_validator("roi")
-    @classmethod
-    def _check_roi(cls, v):
-        if v is None:
-            return None
-        if len(v) != 4 or v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0:
-            raise ValueError(f"roi is [x, y, width, height] with x, y >= 0 and width, height > 0, got {list(v)}")
-        return tuple(v)
 
 
 class ModelConfig(_Strict):
@@ -240,7 +176,8 @@ class EdgeConfig(_Strict):
     node: str = Field(description="this daemon's name in MQTT topics")
     state_dir: Path = Field(default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "/var/lib/haloae-edge")),
                             strict=False, description="engines, outbox and evidence live here (systemd StateDirectory=)")
-    cameras: list[CameraConfig] = Field(min_length=1)
+    cameras: list[AnyCamera] = Field(min_length=1, description="one entry per camera; its kind (edge/sources/) "
+                                     "says which other keys it takes")
     model: ModelConfig
     mqtt: MqttConfig = MqttConfig()
     publish: PublishConfig = PublishConfig()
@@ -255,6 +192,13 @@ class EdgeConfig(_Strict):
     @classmethod
     def _check_node(cls, v: str) -> str:
         return check_identifier(v, "node")
+
+    @field_validator("cameras", mode="before")
+    @classmethod
+    def _camera_kinds(cls, v, info: ValidationInfo):
+        """``kind: auto`` becomes the kind the source names (paths relative to the config's folder)."""
+        base_dir = (info.context or {}).get("base_dir")
+        return [with_kind(c, base_dir) for c in v] if isinstance(v, list) else v
 
     @field_validator("cameras")
     @classmethod
@@ -284,10 +228,15 @@ def inside_dir(root: Path, path: Path) -> Path:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc, kind = split_error_location(first["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key (check its spelling; see configs/edge/*.yaml for the keys)"
+        msg = (f"unknown key{f' for a {kind} camera' if kind else ''} (check its spelling; see "
+               "configs/edge/*.yaml for the keys)")
+    elif first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        where += ".kind"
+        msg = f"unknown camera kind {first.get('ctx', {}).get('tag', '')!r}: use one of {', '.join(kind_names())}"
     elif first["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
     elif first["type"] != "missing" and "input" in first:
@@ -304,7 +253,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> EdgeConfig:
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with at least 'node', 'cameras' and 'model'")
     try:
-        cfg = EdgeConfig.model_validate(data)
+        cfg = EdgeConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
     if base_dir is not None:
@@ -334,21 +283,13 @@ def _resolve_paths(cfg: EdgeConfig, base: Path) -> None:
     for cam in cfg.cameras:
         if isinstance(cam.ignore_zones, Path):
             cam.ignore_zones = fix(cam.ignore_zones)
+        cam.resolve_paths(base)
     cfg.model.bundle = fix(cfg.model.bundle)
     cfg.model.checkpoint = fix(cfg.model.checkpoint)
     cfg.state_dir = fix(cfg.state_dir) or cfg.state_dir
     if cfg.mqtt.tls:
         for key in ("ca", "cert", "key"):
             setattr(cfg.mqtt.tls, key, fix(getattr(cfg.mqtt.tls, key)))
-    for cam in cfg.cameras:
-        if cam.kind in ("file", "folder") or (cam.kind == "auto" and not _looks_remote(cam.source)
-                                                and "!" not in cam.source and not cam.source.isdigit()
-                                                and cam.source != "synthetic"):
-            cam.source = str(fix(Path(cam.source)))
-
-
-def _looks_remote(source: str) -> bool:
-    return "://" in source or source.startswith("/dev/")
 
 
 def check_files(cfg: EdgeConfig) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable
 
+from . import topics
 from .alarms import AlarmEvent, AlarmTracker
 from .config import AlarmConfig
 from .outbox import Outbox
@@ -67,7 +68,7 @@ class AlarmDesk:
     def _store(self, events: list[AlarmEvent]) -> None:
         for ev in events:
             payload = json.dumps(ev.payload(), separators=(",", ":"), allow_nan=False).encode()
-            self.outbox.add(ev.kind, f"{self.prefix}/{ev.camera}/alarm", payload)
+            self.outbox.add(ev.kind, topics.alarm(self.prefix, ev.camera), payload)
             self.raised += 1
             log.info("alarm %s %s on %s (score %.3f, frame %d)", ev.kind, ev.id, ev.camera, ev.score, ev.frame_id)
             if ev.kind == "start":

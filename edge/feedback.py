@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import topics
 from .alarms import SCHEMA_VERSION, iso_utc
 from .commands import LABELS, Feedback
 from .payloads import dumps
@@ -161,7 +162,7 @@ class FeedbackDesk:
     def _report(self, camera: str, fb: Feedback, state: str, **fields) -> None:
         doc = {"v": SCHEMA_VERSION, "camera": camera, "state": state, "label": fb.label, "event": fb.event,
                "frame_id": fb.frame_id, **fields, "totals": self.counts(), "timestamp": iso_utc(time.time())}
-        self.app.publisher.publish_retained(f"{self.app.cfg.prefix}/{camera}/feedback/state", dumps(doc))
+        self.app.publisher.publish_retained(topics.state(self.app.cfg.prefix, camera, "feedback"), dumps(doc))
 
 
 def _write(path: Path, data: bytes) -> None:

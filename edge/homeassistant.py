@@ -24,6 +24,7 @@ import time
 
 import haloae
 
+from . import topics
 from .config_surface import HomeAssistantConfig
 
 COMPONENTS = ("binary_sensor", "sensor", "number", "image")
@@ -31,7 +32,7 @@ SCORE_EXPIRE_S = 60  # a score older than this shows "unavailable" (camera gone,
 
 
 def alarm_state_topic(prefix: str, camera: str) -> str:
-    return f"{prefix}/{camera}/alarm/state"
+    return topics.alarm_state(prefix, camera)
 
 
 class HomeAssistant:
@@ -40,7 +41,7 @@ class HomeAssistant:
     def __init__(self, cfg: HomeAssistantConfig, node: str, prefix: str, cameras: list[str]):
         self.cfg, self.node, self.prefix, self.cameras = cfg, node, prefix, list(cameras)
         self.node_id = f"haloae_{node}"
-        self.birth_topic = f"{cfg.discovery_prefix}/status"
+        self.birth_topic = topics.ha_birth(cfg.discovery_prefix)
         self._lock = threading.Lock()
         self._score_max: dict[str, float] = {}
         self._score_next: dict[str, float] = {}
@@ -48,19 +49,19 @@ class HomeAssistant:
 
     # -- topics --------------------------------------------------------------------------
     def score_topic(self, camera: str) -> str:
-        return f"{self.prefix}/{camera}/score"
+        return topics.camera(self.prefix, camera, topics.SCORE)
 
     def image_topic(self, camera: str) -> str:
-        return f"{self.prefix}/{camera}/defect_image"
+        return topics.camera(self.prefix, camera, topics.DEFECT_IMAGE)
 
     def config_topic(self, component: str, camera: str, what: str) -> str:
-        return f"{self.cfg.discovery_prefix}/{component}/{self.node_id}/{camera}_{what}/config"
+        return topics.ha_config(self.cfg.discovery_prefix, component, self.node_id, f"{camera}_{what}")
 
     # -- discovery -----------------------------------------------------------------------
     def _common(self, camera: str, what: str, name: str) -> dict:
         return {
             "name": name, "unique_id": f"{self.node_id}_{camera}_{what}",
-            "availability": [{"topic": f"{self.prefix}/available", "payload_available": "online",
+            "availability": [{"topic": topics.available(self.prefix), "payload_available": "online",
                               "payload_not_available": "offline"}],
             "device": {"identifiers": [self.node_id], "name": self.cfg.device_name or f"HaloAE {self.node}",
                        "manufacturer": "HaloAE Edge", "model": "haloae-edge inspection daemon",
@@ -82,8 +83,8 @@ class HomeAssistant:
                     "icon": "mdi:chart-bell-curve"},
                 ("number", "threshold"): {
                     **self._common(cam, "threshold", f"{cam} threshold"),
-                    "command_topic": f"{self.prefix}/{cam}/threshold/set",
-                    "state_topic": f"{self.prefix}/{cam}/threshold/state",
+                    "command_topic": topics.set_request(self.prefix, cam, "threshold"),
+                    "state_topic": topics.state(self.prefix, cam, "threshold"),
                     "min": 0.01, "max": 10.0, "step": 0.01, "mode": "box", "entity_category": "config",
                     "qos": 1, "retain": False},
                 ("image", "defect_image"): {

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
+from . import topics
 from .config import ConfigError
 from .config_surface import HttpConfig, is_loopback
 
@@ -250,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
             error = r.command(cam, name, body)
             if error is None:
                 topic = f"{cam}/feedback" if cam else "model"
-                self._json(HTTPStatus.ACCEPTED, {"accepted": name, "outcome_on": f"{topic}/state"})
+                self._json(HTTPStatus.ACCEPTED, {"accepted": name, "outcome_on": f"{topic}/{topics.STATE}"})
             else:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": error})
             return

@@ -26,6 +26,7 @@ import numpy as np
 
 from haloae.export.bundle import BundleError
 
+from . import topics
 from .alarms import SCHEMA_VERSION, iso_utc
 from .backends import BackendUnavailable
 from .config import ConfigError
@@ -67,7 +68,7 @@ class ModelSwitch:
 
     @property
     def topic(self) -> str:
-        return f"{self.app.cfg.prefix}/model/state"
+        return topics.state(self.app.cfg.prefix, None, "model")
 
     def request(self, path: str) -> None:
         """From the publisher's thread: a checked ``model/set`` payload."""

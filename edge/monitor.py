@@ -24,6 +24,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from . import topics
 from .mqtt_health import code_of, refusal_hint
 
 EPILOG = """examples:
@@ -72,9 +73,10 @@ class Monitor:
                              f"0x{code:02X}; {refusal_hint(code)}); retrying")
             return
         self.connected_once, self._said = True, None
-        kinds = ["result", "alarm"] + (["mask"] if self.args.save_masks else [])
+        kinds = [topics.RESULT, topics.ALARM] + ([topics.MASK] if self.args.save_masks else [])
         self.kinds = ",".join(kinds)
-        client.subscribe([(f"{self.args.prefix}/+/{k}", 1) for k in kinds] + [(f"{self.args.prefix}/available", 1)])
+        client.subscribe([(topics.every_camera(self.args.prefix, k), 1) for k in kinds]
+                         + [(topics.available(self.args.prefix), 1)])
 
     def on_connect_fail(self, client, userdata):
         err = sys.exc_info()[1]  # paho calls this inside its ``except OSError``
@@ -93,20 +95,20 @@ class Monitor:
     def on_message(self, client, userdata, msg):
         parts = msg.topic.split("/")
         camera, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("?", "?")
-        if kind == "available":
+        if kind == topics.AVAILABLE:
             node, state = "/".join(parts[:-1]), msg.payload.decode(errors="replace")
             print(json.dumps({"prefix": node, "available": state}) if self.args.json else f"{node} is {state}", flush=True)
-        elif kind == "mask":
+        elif kind == topics.MASK:
             props = dict(getattr(msg.properties, "UserProperty", None) or [])  # MQTT 5: the mask names its frame
             frame = props.get("frame_id")
             self.save_mask(camera, msg.payload, int(frame) if frame and frame.isdigit() else None)
-        elif kind in ("result", "alarm"):
+        elif kind in (topics.RESULT, topics.ALARM):
             try:
                 doc = json.loads(msg.payload)
             except ValueError:
                 print(f"{msg.topic}: not JSON ({len(msg.payload)} bytes)", file=sys.stderr)
                 return
-            if kind == "result":
+            if kind == topics.RESULT:
                 self.on_result(doc)
             elif (doc.get("id"), doc.get("seq")) not in self.seen:
                 self.seen.add((doc.get("id"), doc.get("seq")))

@@ -35,6 +35,7 @@ from paho.mqtt.properties import Properties
 
 from haloae.validate import publish_topic_problem
 
+from . import topics
 from .config import MqttConfig
 from .mqtt_health import Drop, TakeoverWatch, code_of, refusal_hint
 
@@ -59,7 +60,7 @@ class MqttClient:
                  on_disconnect: Callable[[], None] | None = None,
                  on_duplicate: Callable[[str], None] | None = None, max_queued: int = 10000):
         self.cfg, self.prefix, self.client_id = cfg, prefix.rstrip("/"), client_id
-        self.available_topic = f"{self.prefix}/available"
+        self.available_topic = topics.available(self.prefix)
         self._subscriptions = list(subscriptions)
         self._on_message_cb, self._on_connect_cb, self._on_publish_cb = on_message, on_connect, on_publish
         self._on_disconnect_cb, self._on_duplicate_cb = on_disconnect, on_duplicate

@@ -18,6 +18,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from . import topics
+
 TAKEOVER_DROPS = 3
 TAKEOVER_WINDOW_S = 60.0
 SESSION_TAKEN_OVER = 0x8E
@@ -49,7 +51,7 @@ _HINTS = {
 def refusal_hint(code: int, prefix: str = "") -> str:
     """What to do about reason code ``code`` (``prefix``: the daemon's topic prefix, for ACL hints)."""
     if code == 0x87 and prefix:
-        return _HINTS[0x87] + f" (the daemon needs readwrite {prefix}/#)"
+        return _HINTS[0x87] + f" (the daemon needs readwrite {topics.everything(prefix)})"
     return _HINTS.get(code, "check the broker's log")
 
 

@@ -26,24 +26,23 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from . import regions
+from . import regions, topics
 from .alarms import SCHEMA_VERSION, iso_utc
+from .commands import MAX_COMMAND_BYTES
 from .config import EdgeConfig, inside_dir
 from .decisions import AlarmDesk
 from .delivery import OutboxSender
 from .evidence import EvidenceStore
-from .homeassistant import HomeAssistant, alarm_state_topic
+from .homeassistant import HomeAssistant
 from .mqtt_client import MqttClient
 from .outbox import Outbox, PendingEvent
 from .payloads import dumps as _dumps
 from .payloads import result_payload, state_text, status_doc
-from .commands import MAX_COMMAND_BYTES, is_command
-from .settings import MAX_SETTING_BYTES, parse_set, split_topic
+from .publish_items import Connected, ErrorReport, Item, Live, Reply, ResultItem, Retained, SetRequest, Stats
+from .publish_settings import CommandCallback, SetDesk, SettingCallback
+from .settings import MAX_SETTING_BYTES
 
 log = logging.getLogger(__name__)
-
-SettingCallback = Callable[[str | None, str, Any], None]
-CommandCallback = Callable[[str | None, str, bytes], None]
 
 
 class Publisher:
@@ -59,15 +58,13 @@ class Publisher:
                  on_command: CommandCallback | None = None):
         self.cfg, self.node, self.prefix = cfg, cfg.node, cfg.prefix
         self.cameras = [c.id for c in cfg.cameras]
-        self._on_setting = on_setting
-        self._on_command = on_command
         self.on_published: Callable[[Any, float], None] | None = None  # (result, capture→publish s): metrics
         self.ha = HomeAssistant(cfg.homeassistant, self.node, self.prefix, self.cameras) \
             if cfg.homeassistant.enabled else None
         state_dir = Path(state_dir)
         self.outbox = Outbox(inside_dir(state_dir, Path("outbox.sqlite")), cfg.alarms.outbox_max_events)
         self.client = MqttClient(cfg.mqtt, self.prefix, cfg.mqtt.client_id or f"haloae-{self.node}",
-                                 subscriptions=[f"{self.prefix}/+/set", f"{self.prefix}/+/+/set"]
+                                 subscriptions=topics.set_subscriptions(self.prefix)
                                  + ([self.ha.birth_topic] if self.ha else []),
                                  on_message=self._on_mqtt_message, on_connect=self._on_connect,
                                  on_publish=lambda mid, rc: self.sender.on_publish(mid, rc),
@@ -79,8 +76,8 @@ class Publisher:
                          if cfg.evidence.enabled else None)
         self._last_status: dict[str, Any] = {}
         self._cv = threading.Condition()
-        self._results: deque = deque()
-        self._control: deque = deque()
+        self._results: deque[ResultItem] = deque()
+        self._control: deque[Item] = deque()
         self._retained: dict[str, bytes] = {}  # republished on every (re)connect
         self._last_sent: dict[str, float] = {}
         self._last_evidence: dict[str, float] = {}
@@ -88,6 +85,8 @@ class Publisher:
         self._started = False
         self._busy = False  # the encoder thread is handling an item
         self.counters = {"results": 0, "dropped": 0, "offline_skipped": 0, "settings_rejected": 0, "errors": 0}
+        self.setdesk = SetDesk(self.prefix, self.cameras, on_setting, on_command, retain=self._retain,
+                               send_error=self._send_error, publish_error=self.publish_error, counters=self.counters)
         self._worker = threading.Thread(target=self._run, name="haloae-publish", daemon=True)
         self.outbox.on_problem = self._outbox_problem
         if self.outbox.problem:  # the disk failed already while opening the outbox
@@ -117,7 +116,7 @@ class Publisher:
         if self.ha is not None:
             text = self.ha.score_due(r.camera, float(r.score))
             if text is not None:
-                self._submit(("message", self.ha.score_topic(r.camera), text.encode(), 0, False))
+                self._submit(Live(self.ha.score_topic(r.camera), text.encode()))
         with self._cv:
             if len(self._results) >= self.cfg.publish.queue_size:
                 self.counters["dropped"] += 1
@@ -126,7 +125,7 @@ class Publisher:
                                 "lower the rate, disable publish.overlay or raise publish.queue_size)",
                                 self.counters["dropped"])
             else:
-                self._results.append((r, alarm_id))
+                self._results.append(ResultItem(r, alarm_id))
             self._cv.notify()
 
     def publish_camera_status(self, s) -> None:
@@ -134,54 +133,54 @@ class Publisher:
         if s.state in ("offline", "ended"):
             self.alarms.close(s.camera, f"camera_{s.state}")
         self._last_status[s.camera] = s
-        self._submit(("retained", f"{self.prefix}/{s.camera}/status", self._status_doc(s)))
+        self._submit(Retained(topics.status(self.prefix, s.camera), self._status_doc(s)))
 
     def _status_doc(self, s, daemon: str = "running") -> bytes:
-        return status_doc(s, self.outbox.dead_by_topic.get(f"{self.prefix}/{s.camera}/alarm", 0),
+        return status_doc(s, self.outbox.dead_by_topic.get(topics.alarm(self.prefix, s.camera), 0),
                           self.outbox.problem, daemon)
 
     def set_alarm_state(self, camera: str, active: bool) -> None:
         """Retained ``<prefix>/<camera>/alarm/state``: ``ON`` while an alarm runs, else ``OFF``."""
-        self._submit(("retained", alarm_state_topic(self.prefix, camera), b"ON" if active else b"OFF"))
+        self._submit(Retained(topics.alarm_state(self.prefix, camera), b"ON" if active else b"OFF"))
 
     def publish_retained(self, topic: str, payload: bytes) -> None:
         """A retained QoS 1 message, re-published on every reconnect (drift, ...)."""
-        self._submit(("retained", topic, payload))
+        self._submit(Retained(topic, payload))
 
     def _publish_discovery(self) -> None:
         if self.ha is not None:
             for topic, payload in self.ha.discovery():
-                self._submit(("retained", topic, payload))
+                self._submit(Retained(topic, payload))
 
     def apply_setting(self, topic: str, payload: bytes, timeout: float = 5.0) -> str | None:
         """A ``<setting>/set`` or a command (``model/set``, ``<camera>/feedback/set``) from another
         input (the live view), through the same path as an MQTT one; waits for it: None when
         applied (a command: accepted, its outcome follows on its ``state`` topic), else why it
         was refused."""
-        done = {"event": threading.Event(), "error": "the publisher did not handle it in time"}
+        reply = Reply()
         limit = max(MAX_SETTING_BYTES, MAX_COMMAND_BYTES) + 1  # each path checks its own limit
-        self._submit(("setting", topic, payload[:limit], len(payload), done))
-        done["event"].wait(timeout)
-        return done["error"]
+        self._submit(SetRequest(topic, payload[:limit], len(payload), reply))
+        reply.done.wait(timeout)
+        return reply.error
 
     def _refresh_statuses(self) -> None:
         """Publish every camera's last status again (a dead letter, an outbox problem changed)."""
         for s in list(self._last_status.values()):
-            self._submit(("retained", f"{self.prefix}/{s.camera}/status", self._status_doc(s)))
+            self._submit(Retained(topics.status(self.prefix, s.camera), self._status_doc(s)))
 
     def publish_error(self, kind: str, error: str, **fields) -> None:
         """One ``<prefix>/error`` message (QoS 1, not retained; see docs/mqtt.md)."""
         doc = {"v": SCHEMA_VERSION, "kind": kind, "error": error, **fields, "timestamp": iso_utc(time.time())}
-        self._submit(("error", _dumps(doc)))
+        self._submit(ErrorReport(_dumps(doc)))
 
     def publish_stats(self, d: dict) -> None:
         """``<prefix>/stats`` (QoS 0, not retained); the publisher adds its own counters."""
-        self._submit(("stats", dict(d)))
+        self._submit(Stats(dict(d)))
 
     def set_state(self, camera: str | None, setting: str, value: Any) -> None:
         """Retained ``<prefix>/<camera>/<setting>/state`` (camera None: every camera)."""
         for cam in [camera] if camera else self.cameras:
-            self._submit(("retained", f"{self.prefix}/{cam}/{setting}/state", state_text(value).encode()))
+            self._submit(Retained(topics.state(self.prefix, cam, setting), state_text(value).encode()))
 
     def stats(self) -> dict:
         return {**self.counters, "alarm_events": self.alarms.raised, "queue": len(self._results),
@@ -219,7 +218,7 @@ class Publisher:
             self.set_alarm_state(cam, False)
         for s in list(self._last_status.values()):  # a clean stop: every camera offline, said why
             s.state, s.detail, s.since = "offline", "haloae-edge was stopped (clean stop)", time.time()
-            self._submit(("retained", f"{self.prefix}/{s.camera}/status", self._status_doc(s, "stopped")))
+            self._submit(Retained(topics.status(self.prefix, s.camera), self._status_doc(s, "stopped")))
         with self._cv:  # only now: the encoder thread ends once drained, and these are queued before
             self._stopping = True
             self._cv.notify()
@@ -240,7 +239,7 @@ class Publisher:
 
     # --- callbacks from paho's thread -------------------------------------------------------
     def _on_connect(self) -> None:
-        self._submit(("connected",))
+        self._submit(Connected())
         self.sender.wake()
 
     def _on_dead_letter(self, ev: PendingEvent, reason: str, code: int | None) -> None:
@@ -267,14 +266,14 @@ class Publisher:
         self.publish_error("duplicate_node", text, client_id=self.client.client_id)
 
     def _on_mqtt_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        if topic.endswith("/set"):
-            self._submit(("setting", topic, payload[:MAX_COMMAND_BYTES + 1], len(payload)))
+        if topics.is_set_request(topic):
+            self._submit(SetRequest(topic, payload[:MAX_COMMAND_BYTES + 1], len(payload)))
         elif self.ha is not None and topic == self.ha.birth_topic and payload.strip() == b"online":
             log.info("Home Assistant started (%s = online): publishing the discovery configs again", topic)
             self._publish_discovery()
 
     # --- the encoder thread -----------------------------------------------------------------
-    def _submit(self, *items) -> None:
+    def _submit(self, *items: Item) -> None:
         with self._cv:
             self._control.extend(items)
             self._cv.notify()
@@ -296,7 +295,7 @@ class Publisher:
                 if self._control:
                     item = self._control.popleft()
                 elif self._results:
-                    item = ("result", *self._results.popleft())
+                    item = self._results.popleft()
                 else:
                     break  # stopping and drained
                 self._busy = True
@@ -304,33 +303,43 @@ class Publisher:
                 self._handle(item, pub)
             except Exception:
                 self.counters["errors"] += 1
-                log.exception("publisher failed on a %s message; going on", item[0])
+                log.exception("publisher failed on a %s item; going on", type(item).__name__)
         if pub is not None:
             pub.close()
 
-    def _handle(self, item: tuple, pub) -> None:
-        kind = item[0]
-        if kind == "result":
-            self._send_result(item[1], item[2], pub)
-        elif kind == "retained":
-            self._retained[item[1]] = item[2]
-            if self.client.connected:
-                self.client.publish(item[1], item[2], qos=1, retain=True)
-        elif kind == "stats":
+    def _handle(self, item: Item, pub) -> None:
+        if isinstance(item, ResultItem):
+            self._send_result(item.result, item.alarm_id, pub)
+        elif isinstance(item, Retained):
+            self._retain(item)
+        elif isinstance(item, Stats):
             doc = {"v": SCHEMA_VERSION, "node": self.node, "timestamp": iso_utc(time.time()),
-                   "epoch": round(time.time(), 3), **item[1], "publisher": self.stats()}
+                   "epoch": round(time.time(), 3), **item.doc, "publisher": self.stats()}
             if self.client.connected:
-                self.client.publish(f"{self.prefix}/stats", _dumps(doc), qos=0)
-        elif kind == "setting":
-            self._apply_setting(*item[1:])
-        elif kind == "message":  # live data (score sensor): not kept while disconnected
+                self.client.publish(topics.stats(self.prefix), _dumps(doc), qos=0)
+        elif isinstance(item, SetRequest):
+            self.setdesk.handle(item)
+        elif isinstance(item, Live):  # live data (score sensor): not kept while disconnected
             if self.client.connected:
-                self.client.publish(item[1], item[2], qos=item[3], retain=item[4])
-        elif kind == "error":  # QoS 1: paho keeps it while disconnected and sends it on reconnect
-            self.client.publish(f"{self.prefix}/error", item[1], qos=1)
-        elif kind == "connected":
+                self.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+        elif isinstance(item, ErrorReport):  # QoS 1: paho keeps it while disconnected and sends it on reconnect
+            self.client.publish(topics.error(self.prefix), item.payload, qos=1)
+        elif isinstance(item, Connected):
             for topic, payload in self._retained.items():
                 self.client.publish(topic, payload, qos=1, retain=True)
+        else:
+            raise TypeError(f"the publisher has no handling for {item!r}")
+
+    def _retain(self, item: Retained) -> None:
+        """Keep a retained message for reconnects and publish it now when connected."""
+        self._retained[item.topic] = item.payload
+        if self.client.connected:
+            self.client.publish(item.topic, item.payload, qos=1, retain=True)
+
+    def _send_error(self, payload: bytes) -> None:
+        """An encoded ``<prefix>/error`` document, now and only when connected (a refused setting)."""
+        if self.client.connected:
+            self.client.publish(topics.error(self.prefix), payload, qos=1)
 
     def _send_result(self, r, alarm_id: str | None, pub) -> None:
         to_mqtt = self._want_mqtt(r)
@@ -343,24 +352,25 @@ class Publisher:
         payload = _dumps(result_payload(self.node, r, found, alarm_id))
         want_png = pub is not None or to_evidence or (to_mqtt and self.cfg.publish.mask)
         mask_png = regions.mask_png(mask, w, h) if want_png else b""
-        topic = f"{self.prefix}/{r.camera}"
         overlay = regions.overlay_jpeg(r, amap, mask) if (to_ha or (to_mqtt and self.cfg.publish.overlay
                                                                   and r.anomalous)) else None
         if pub is not None:
-            pub.send(f"{topic}/result", payload, mask_png)
+            pub.send(topics.result(self.prefix, r.camera), payload, mask_png)
         if to_mqtt:
             q = self.cfg.mqtt.qos_results
             frame_props = [("camera", r.camera), ("frame_id", str(int(r.frame_id)))]  # MQTT 5: pairs mask ↔ result
-            self.client.publish(f"{topic}/result", payload, qos=q)
+            self.client.publish(topics.result(self.prefix, r.camera), payload, qos=q)
             if self.cfg.publish.mask:
-                self.client.publish(f"{topic}/mask", mask_png, qos=q, user_properties=frame_props)
+                self.client.publish(topics.camera(self.prefix, r.camera, topics.MASK), mask_png, qos=q,
+                                    user_properties=frame_props)
             if self.cfg.publish.overlay and r.anomalous:
-                self.client.publish(f"{topic}/overlay", overlay, qos=q, user_properties=frame_props)
+                self.client.publish(topics.camera(self.prefix, r.camera, topics.OVERLAY), overlay, qos=q,
+                                    user_properties=frame_props)
             self.counters["results"] += 1
             if self.on_published is not None:
                 self.on_published(r, time.time() - r.timestamp)
         if to_ha:
-            self._handle(("retained", self.ha.image_topic(r.camera), overlay), None)
+            self._retain(Retained(self.ha.image_topic(r.camera), overlay))
         if to_evidence:
             self._save_evidence(r, amap, mask, mask_png, payload, overlay)
 
@@ -390,59 +400,3 @@ class Publisher:
         files = {f"_frame.{ext}": regions.encode_frame(r.frame, ext), "_mask.png": mask_png,
                  "_overlay.jpg": overlay or regions.overlay_jpeg(r, amap, mask), ".json": payload}
         self.evidence.save(r.camera, r.frame_id, r.timestamp, files)
-
-    def _apply_setting(self, topic: str, payload: bytes, size: int, done: dict | None = None) -> None:
-        """A ``set`` message (MQTT, or the live view with ``done`` to report back to)."""
-        camera, setting = split_topic(self.prefix, topic)
-        if is_command(camera, setting):
-            return self._apply_command(topic, camera, setting, payload, size, done)
-        try:
-            camera, setting, value = parse_set(self.prefix, topic, self.cameras, payload[:MAX_SETTING_BYTES + 1],
-                                               size)
-            if self._on_setting is not None:
-                self._on_setting(camera, setting, value)
-        except ValueError as err:  # SettingError, or the daemon's own refusal
-            if done is not None:
-                done["error"] = str(err)
-                done["event"].set()
-            self.counters["settings_rejected"] += 1
-            log.warning("rejected %s: %s", topic, err)
-            doc = {"v": SCHEMA_VERSION, "kind": "setting", "topic": topic, "camera": camera, "setting": setting,
-                   "error": str(err), "payload": payload[:64].decode("utf-8", "replace"),
-                   "timestamp": iso_utc(time.time())}
-            if self.client.connected:
-                self.client.publish(f"{self.prefix}/error", _dumps(doc), qos=1)
-            return
-        log.info("setting %s of %s set to %s %s", setting, camera or "all cameras", value,
-                 "over MQTT" if done is None else "from the live view")
-        for cam in [camera] if camera else self.cameras:
-            self._handle(("retained", f"{self.prefix}/{cam}/{setting}/state", state_text(value).encode()), None)
-        if done is not None:
-            done["error"] = None
-            done["event"].set()
-
-    def _apply_command(self, topic: str, camera: str | None, name: str, payload: bytes, size: int,
-                       done: dict | None = None) -> None:
-        """A command topic: checked and queued by the daemon (``on_command``); its outcome goes to
-        the command's ``state`` topic later. A refusal goes to ``<prefix>/error`` (kind ``command``)."""
-        try:
-            if camera is not None and camera not in self.cameras:
-                raise ValueError(f"unknown camera {camera!r}; cameras: {', '.join(self.cameras)}")
-            if size > MAX_COMMAND_BYTES:
-                raise ValueError(f"payload of {size} bytes is too long (at most {MAX_COMMAND_BYTES})")
-            if self._on_command is None:
-                raise ValueError(f"{name}/set is not handled by this daemon")
-            self._on_command(camera, name, payload)
-        except ValueError as err:  # CommandError, or the daemon's own refusal
-            self.counters["settings_rejected"] += 1
-            log.warning("rejected %s: %s", topic, err)
-            self.publish_error("command", str(err), topic=topic, camera=camera, command=name,
-                               payload=payload[:64].decode("utf-8", "replace"))
-            if done is not None:
-                done["error"] = str(err)
-                done["event"].set()
-            return
-        log.info("%s/set of %s accepted", name, camera or "the node")
-        if done is not None:
-            done["error"] = None
-            done["event"].set()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import topics
 from .alarms import SCHEMA_VERSION, iso_utc
 from .payloads import dumps
 
@@ -145,7 +146,7 @@ class Recalibrator:
         if time.time() > prop["expires"]:
             self._proposals.pop(camera, None)
             raise ValueError(f"proposal {pid} expired ({PROPOSAL_TTL_S:.0f} s): ask for a new one")
-        error = self.app.publisher.apply_setting(f"{self.app.cfg.prefix}/{camera}/threshold/set",
+        error = self.app.publisher.apply_setting(topics.set_request(self.app.cfg.prefix, camera, "threshold"),
                                                  f"{prop['threshold']:.4f}".encode())
         if error is not None:
             raise ValueError(f"the threshold {prop['threshold']} was refused: {error}")
@@ -157,4 +158,4 @@ class Recalibrator:
 
     def _publish(self, camera: str, state: str, **fields) -> None:
         doc = {"v": SCHEMA_VERSION, "camera": camera, "state": state, **fields, "timestamp": iso_utc(time.time())}
-        self.app.publisher.publish_retained(f"{self.app.cfg.prefix}/{camera}/calibrate/state", dumps(doc))
+        self.app.publisher.publish_retained(topics.state(self.app.cfg.prefix, camera, "calibrate"), dumps(doc))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from . import topics
 from .drift import DriftMonitor
 from .payloads import drift_payload
 
@@ -46,7 +47,8 @@ class Surface:
     def observe(self, r) -> None:
         doc = self.drift.observe(r.camera, r.score, r.anomalous)
         if doc is not None:
-            self.app.publisher.publish_retained(f"{self.app.cfg.prefix}/{r.camera}/drift", drift_payload(r.camera, doc))
+            self.app.publisher.publish_retained(topics.camera(self.app.cfg.prefix, r.camera, topics.DRIFT),
+                                                drift_payload(r.camera, doc))
         if self.liveview is not None:
             self.liveview.offer(r)
         if self.metrics is not None:
@@ -73,12 +75,11 @@ class Surface:
 
     def set_threshold(self, camera: str, payload: bytes) -> str | None:
         """The live view's slider: the same path as ``<prefix>/<camera>/threshold/set``."""
-        return self.app.publisher.apply_setting(f"{self.app.cfg.prefix}/{camera}/threshold/set", payload)
+        return self.app.publisher.apply_setting(topics.set_request(self.app.cfg.prefix, camera, "threshold"), payload)
 
     def command(self, camera: str | None, name: str, payload: bytes) -> str | None:
         """The live view's model and feedback buttons: the same path as ``<prefix>/[<camera>/]<name>/set``."""
-        topic = f"{self.app.cfg.prefix}/{camera}/{name}/set" if camera else f"{self.app.cfg.prefix}/{name}/set"
-        return self.app.publisher.apply_setting(topic, payload)
+        return self.app.publisher.apply_setting(topics.set_request(self.app.cfg.prefix, camera, name), payload)
 
     def state(self) -> dict:
         """The page's JSON (``/api/state``)."""

@@ -14,11 +14,17 @@ import pytest
 import zmq
 
 from haloae.edge.capture import BadFrame, CaptureWorker, check_source, source_kind, to_rgb
-from haloae.edge.config import CameraConfig, ConfigError, HealthConfig
+from haloae.edge.config import ConfigError, HealthConfig
 from haloae.edge.ipc import LatestFrames
+from haloae.edge.sources import CameraConfig, parse_camera
 from haloae.edge.synthetic import LineSimulator
 
 HEALTH = HealthConfig(reopen_min_s=0.1, reopen_max_s=0.4, stale_after_s=5)
+
+
+def camera(**keys) -> CameraConfig:
+    """A camera as the YAML would give it (``kind: auto`` unless said)."""
+    return parse_camera(keys)
 
 
 def write_video(path: Path, n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
@@ -83,7 +89,7 @@ class Rig:
 
 def test_video_file_every_frame_in_order_then_ended(tmp_path):
     written = write_video(tmp_path / "line.avi", 12)
-    cam = CameraConfig(id="cam1", source=str(tmp_path / "line.avi"), roi=(8, 4, 48, 40))
+    cam = camera(id="cam1", source=str(tmp_path / "line.avi"), roi=(8, 4, 48, 40))
     assert source_kind(cam) == "file"
     with Rig([cam]) as rig:
         rig.wait(lambda: "ended" in rig.states("cam1"), what="end of file")
@@ -109,7 +115,7 @@ def test_folder_garbage_is_skipped_and_counted(tmp_path):
     cv2.imwrite(str(folder / "002.png"), np.full((32, 32), 128, np.uint8))  # grey, one channel
     cv2.imwrite(str(folder / "004.png"), np.zeros((20, 32, 3), np.uint8))  # wrong size
     (folder / "notes.txt").write_text("not an image")  # ignored, not counted
-    cam = CameraConfig(id="f", source=str(folder))
+    cam = camera(id="f", source=str(folder))
     assert source_kind(cam) == "folder"
     with Rig([cam]) as rig:
         rig.wait(lambda: "ended" in rig.states("f"), what="end of folder")
@@ -123,8 +129,8 @@ def test_folder_garbage_is_skipped_and_counted(tmp_path):
 def test_removed_file_goes_offline_and_comes_back_other_camera_unaffected(tmp_path):
     video = tmp_path / "loop.avi"
     write_video(video, 6)
-    cams = [CameraConfig(id="vid", source=str(video), loop=True, fps=50),
-            CameraConfig(id="syn", source="synthetic", fps=50)]
+    cams = [camera(id="vid", source=str(video), loop=True, fps=50),
+            camera(id="syn", source="synthetic", fps=50)]
     with Rig(cams, lossless=False) as rig:
         rig.wait(lambda: "online" in rig.states("vid") and "online" in rig.states("syn"), what="online")
         hidden = tmp_path / "hidden.avi"
@@ -145,7 +151,7 @@ def test_removed_file_goes_offline_and_comes_back_other_camera_unaffected(tmp_pa
 
 
 def test_synthetic_source_matches_the_simulator():
-    cam = CameraConfig(id="s", source="synthetic", seed=3, defect_every=2)
+    cam = camera(id="s", source="synthetic", seed=3, defect_every=2)
     with Rig([cam]) as rig:
         rig.wait(lambda: len(rig.got["s"]) >= 5, what="5 frames")
     sim = LineSimulator(size=256, seed=3, defect_every=2)
@@ -154,7 +160,7 @@ def test_synthetic_source_matches_the_simulator():
 
 
 def test_stale_camera_reported_offline(tmp_path):
-    cam = CameraConfig(id="s", source="synthetic")
+    cam = camera(id="s", source="synthetic")
     ctx = zmq.Context()
     statuses = []
     w = CaptureWorker(cam, HealthConfig(stale_after_s=1.0), ctx, "inproc://stale", statuses.append)
@@ -185,10 +191,10 @@ def test_to_rgb_rejects_bad_frames():
 
 def test_check_source_refuses_what_no_retry_fixes(tmp_path):
     with pytest.raises(ConfigError, match=r"cameras\.0\.source: no video file"):
-        check_source(CameraConfig(id="a", source=str(tmp_path / "nope.avi")), 0)
+        check_source(camera(id="a", source=str(tmp_path / "nope.avi")), 0)
     with pytest.raises(ConfigError, match=r"cameras\.1\.source: no image folder"):
-        check_source(CameraConfig(id="a", source=str(tmp_path / "nope"), kind="folder"), 1)
+        check_source(camera(id="a", source=str(tmp_path / "nope"), kind="folder"), 1)
     if not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
         with pytest.raises(ConfigError, match="GStreamer"):
-            check_source(CameraConfig(id="a", source="videotestsrc ! appsink"), 0)
-    check_source(CameraConfig(id="a", source="/dev/video9"), 0)  # devices: offline + retry, not fatal
+            check_source(camera(id="a", source="videotestsrc ! appsink"), 0)
+    check_source(camera(id="a", source="/dev/video9"), 0)  # devices: offline + retry, not fatal
