@@ -36,7 +36,7 @@ import yaml
 
 
 def write_video(path: Path, n: int, size: int) -> None:
-    from haloae.edge.synthetic import LineSimulator
+    from haloae.synthetic import LineSimulator
 
     sim = LineSimulator(size=size, seed=0, run_length=8, defect_every=3)
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (size, size))

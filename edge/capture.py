@@ -2,7 +2,7 @@
 
 Sources (OpenCV unless said): V4L2 device index or path, RTSP/HTTP URL (FFmpeg), GStreamer
 pipeline ending in ``appsink`` (``cv2.CAP_GSTREAMER``), video file (optionally looping), image
-folder (sorted, optionally looping) and ``synthetic`` (:class:`~haloae.edge.synthetic.LineSimulator`).
+folder (sorted, optionally looping) and ``synthetic`` (:class:`~haloae.synthetic.LineSimulator`).
 
 Each worker caps the frame rate, converts to RGB, checks the frame (HxWx3 uint8, same size as
 the stream's first frame, large enough for the ROI), crops the ROI and sends it. Faults are the
@@ -37,7 +37,7 @@ import zmq
 from .config import CameraConfig, ConfigError, HealthConfig
 from .frames import CameraStatus
 from .ipc import FrameSender
-from .synthetic import LineSimulator
+from haloae.synthetic import LineSimulator
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Sample images come from ``--data`` (an MVTec-layout root or a folder of images, good and
 defective test images mixed), else from the synthetic surface generator
-(``haloae.edge.synthetic``, good parts and every defect kind, fixed seed). All go through
+(``haloae.synthetic``, good parts and every defect kind, fixed seed). All go through
 THE preprocessing (``haloae.train.data.to_model_input``).
 
 Tolerances (normalised units, where the calibrated threshold is 0.5; docs/bundle.md):
@@ -40,7 +40,7 @@ class ParityError(RuntimeError):
 
 
 def _synthetic(k: int, size: int, seed: int) -> list[np.ndarray]:
-    from haloae.edge import synthetic
+    from haloae import synthetic
 
     rng = np.random.default_rng(seed)
     kinds = (None, *synthetic.DEFECT_KINDS)  # good and every defect kind, in turn

@@ -102,7 +102,7 @@ def write_video(path: Path, frames: int, size: int, seed: int) -> list[bool]:
     """A line video of ``frames`` parts; returns which frames are defective. Lossless FFV1 (the
     frames reach the model as generated, like a raw industrial camera's), MJPG where OpenCV has
     no FFV1 encoder."""
-    from haloae.edge.synthetic import LineSimulator
+    from haloae.synthetic import LineSimulator
 
     sim = LineSimulator(size=size, seed=seed, run_length=8, defect_every=3)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 10.0, (size, size))

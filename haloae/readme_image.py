@@ -42,7 +42,7 @@ def _heat(amap: np.ndarray, size: int) -> np.ndarray:
 
 
 def write_detection_image(bundle: Path, out: Path, size: int = 256, seed: int = 11) -> Path:
-    from haloae.edge.synthetic import DEFECT_KINDS, sample
+    from haloae.synthetic import DEFECT_KINDS, sample
 
     sess, manifest = _session(Path(bundle))
     pixel_threshold = float(manifest["threshold"]["pixel"])

@@ -13,7 +13,7 @@ from haloae.edge.backends import Backend, BackendUnavailable
 from haloae.edge.backends.select import load_backend
 from haloae.edge.config import ModelConfig
 from haloae.edge.infer import preprocess
-from haloae.edge.synthetic import LineSimulator
+from haloae.synthetic import LineSimulator
 from haloae.export.bundle import verify_bundle
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None

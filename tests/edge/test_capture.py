@@ -16,7 +16,7 @@ import zmq
 from haloae.edge.capture import BadFrame, CaptureWorker, check_source, source_kind, to_rgb
 from haloae.edge.config import CameraConfig, ConfigError, HealthConfig
 from haloae.edge.ipc import LatestFrames
-from haloae.edge.synthetic import LineSimulator
+from haloae.synthetic import LineSimulator
 
 HEALTH = HealthConfig(reopen_min_s=0.1, reopen_max_s=0.4, stale_after_s=5)
 

@@ -16,7 +16,7 @@ from toy_bundle import SIZE, make_toy_bundle
 
 from haloae.edge.config_surface import DriftConfig
 from haloae.edge.drift import DriftMonitor, baseline_median
-from haloae.edge.synthetic import LineSimulator
+from haloae.synthetic import LineSimulator
 
 MANIFEST = {"threshold": {"raw_image": 0.02, "normal_scores": {"n": 50, "p50": 0.008}}}  # median 0.2 normalised
 

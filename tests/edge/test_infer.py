@@ -16,7 +16,7 @@ from haloae.edge.config import CameraConfig
 from haloae.edge.infer import InferenceWorker, preprocess
 from haloae.edge.ipc import FrameSender, LatestFrames
 from haloae.edge.stats import Stats
-from haloae.edge.synthetic import LineSimulator
+from haloae.synthetic import LineSimulator
 from haloae.export.bundle import verify_bundle
 
 
