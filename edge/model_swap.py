@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from haloae.export.bundle import BundleError
+from haloae.manifest import BundleError
 
 from .alarms import SCHEMA_VERSION, iso_utc
-from .backends import BackendUnavailable
+from haloae.runtime import BackendUnavailable
 from .config import ConfigError
 from .payloads import dumps
 from .reload import LoadedModel, load_model

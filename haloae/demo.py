@@ -27,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .manifest import MANIFEST
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TRAIN_IMAGES = 800
 BIN = Path(sys.executable).parent
@@ -250,7 +252,7 @@ def prepare_bundle(wd: Path, args: argparse.Namespace, env: dict) -> Path:
 
     step(3, "exporting the deployable bundle (ONNX fp32 + fp16)")
     bundle = wd / "bundle"
-    manifest = bundle / "manifest.json"
+    manifest = bundle / MANIFEST
     if manifest.is_file() and manifest.stat().st_mtime > ckpt.stat().st_mtime:
         print(f"  reusing {bundle}")
     else:
