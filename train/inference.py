@@ -74,7 +74,7 @@ def _number(calibration: Mapping, key: str) -> float:
     try:
         return float(calibration[key])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CalibrationError(f"calibration needs a number '{key}' (got {calibration!r}); "
+        raise CalibrationError(f"calibration needs the raw threshold '{key}' as a number (got {calibration!r}); "
                                "calibrate the model first (train/calibrate.py)") from exc
 
 
