@@ -106,12 +106,11 @@ def padim_fn(ckpt: str, batch: int):
     return fn
 
 
-def ort_fn(path: Path, threads: int):
-    from haloae.export.parity import ort_session
+def ort_fn(bundle: Path, precision: str, threads: int):
+    """The bundle's graph through the runtime's ONNX Runtime backend (what the edge runs)."""
+    from haloae.runtime import load_backend
 
-    sess = ort_session(path, threads)
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})
+    return load_backend(bundle, "onnxruntime", precision=precision, threads=threads, device="cpu").run
 
 
 def time_runtime(name: str, ckpt: str, bundle: str, batch: int, threads: int, warmup: int, iters: int,
@@ -137,7 +136,7 @@ def time_runtime(name: str, ckpt: str, bundle: str, batch: int, threads: int, wa
             with torch.inference_mode():
                 return module(torch.from_numpy(a))
     else:
-        fn = ort_fn(Path(bundle) / ("model.onnx" if name.endswith("fp32") else "model.fp16.onnx"), threads)
+        fn = ort_fn(Path(bundle), "fp32" if name.endswith("fp32") else "fp16", threads)
     return timeit(fn, x, warmup, iters)
 
 

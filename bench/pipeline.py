@@ -34,9 +34,11 @@ import cv2
 import numpy as np
 import yaml
 
+from haloae import runtime
+
 
 def write_video(path: Path, n: int, size: int) -> None:
-    from haloae.edge.synthetic import LineSimulator
+    from haloae.synthetic import LineSimulator
 
     sim = LineSimulator(size=size, seed=0, run_length=8, defect_every=3)
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (size, size))
@@ -56,15 +58,12 @@ def read_video(path: Path) -> list[np.ndarray]:
 
 def bench_backend(bundle: Path, backend_name: str, threads: int, frames: list[np.ndarray], state: Path,
                   precision: str = "fp32") -> dict:
-    from haloae.edge.backends.select import load_backend
-    from haloae.edge.config import ModelConfig
-    from haloae.edge.infer import preprocess
-    from haloae.export.bundle import verify_bundle
+    from haloae.preprocess import to_batch
+    from haloae.runtime import load_backend
 
-    manifest = verify_bundle(bundle)
-    backend = load_backend(ModelConfig(bundle=bundle, backend=backend_name, threads=threads, precision=precision), bundle, manifest, state)
-    n, _, h, w = backend.input_shape
-    xs = [np.stack([preprocess(f, h, w)] * n) for f in frames]
+    backend = load_backend(bundle, backend_name, threads=threads, precision=precision, engine_dir=state)
+    n = backend.input_shape[0]
+    xs = [to_batch([f] * n, backend.input_shape) for f in frames]
     for x in xs[:5]:  # warm-up
         backend.run(x)
     t0 = time.perf_counter()
@@ -73,7 +72,7 @@ def bench_backend(bundle: Path, backend_name: str, threads: int, frames: list[np
     run_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for f in frames:
-        backend.run(np.stack([preprocess(f, h, w)] * n))
+        backend.run(to_batch([f] * n, backend.input_shape))
     full_s = time.perf_counter() - t0
     return {"backend": backend.description, "fps": len(xs) * n / run_s,
             "fps_with_preprocess": len(frames) * n / full_s, "ms_per_call": 1000 * run_s / len(xs)}
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/pipeline.json"), help="JSON written here")
     p.add_argument("--frames", type=int, default=200, help="frames in the test video")
     p.add_argument("--size", type=int, default=256, help="frame size (square)")
-    p.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    p.add_argument("--backend", default="onnxruntime", choices=runtime.choices())
     p.add_argument("--threads", type=int, default=1, help="inference threads for both measurements")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="model file / TensorRT engine precision")
     p.add_argument("--live-fraction", type=float, default=0.6, help="latency run: source fps as a fraction of the backend's")

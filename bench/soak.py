@@ -44,6 +44,8 @@ import numpy as np
 import yaml
 
 from haloae.edge import topics
+from haloae import runtime
+from haloae.manifest import is_bundle
 
 NODE = "soak"
 PREFIX = f"haloae/{NODE}"
@@ -364,14 +366,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--progress-s", type=float, default=15.0, help="seconds between progress lines")
     p.add_argument("--drain-timeout-s", type=float, default=30.0, help="longest wait for the outbox to drain")
     p.add_argument("--linger-s", type=float, default=3.0, help="subscriber listens this long after the daemon exits")
-    p.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    p.add_argument("--backend", default="onnxruntime", choices=runtime.choices())
     p.add_argument("--threads", type=int, default=1, help="inference threads (and OMP_NUM_THREADS of the daemon)")
     p.add_argument("--defect-every", type=int, default=2,
                    help="synthetic camera: every n-th run of 8 frames is defective")
     p.add_argument("--keep", type=Path, help="keep the work folder (daemon log, state, broker log) here")
     args = p.parse_args(argv)
     args.bundle = args.bundle.resolve()  # the daemon config lives in a temporary folder
-    if not (args.bundle / "manifest.json").is_file():
+    if not is_bundle(args.bundle):
         sys.exit(f"bench/soak.py: no bundle at {args.bundle} (manifest.json missing); make one with haloae-export")
     if args.keep:
         shutil.rmtree(args.keep, ignore_errors=True)

@@ -73,10 +73,10 @@ def run(argv: list[str] | None = None) -> int:
         return _fail("config", e)
     _setup_logging(args.log_level or ("WARNING" if args.validate_config else cfg.health.log_level))
     _quiet_opencv()
-    from haloae.export.bundle import BundleError
+    from haloae.manifest import BundleError
 
     from .app import EdgeApp
-    from .backends import BackendUnavailable
+    from haloae.runtime import BackendUnavailable
     from .outbox import OutboxError
 
     app = EdgeApp(cfg, exit_when_done=args.exit_when_done, config_path=Path(args.config))

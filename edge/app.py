@@ -28,9 +28,9 @@ from pathlib import Path
 import cv2
 import zmq
 
-from haloae.export.bundle import BundleError
+from haloae.manifest import BundleError
 
-from .backends import Backend, BackendUnavailable
+from haloae.runtime import Backend, BackendUnavailable
 from .capture import CaptureWorker, check_source
 from .config import EXIT_CONFIG, ConfigError, EdgeConfig, load_config
 from .frames import CameraStatus

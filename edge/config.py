@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from haloae import runtime
 from haloae.validate import check_client_id, check_identifier, check_prefix, mqtt_text_problem
 
 from .config_base import Strict as _Strict
@@ -42,8 +43,9 @@ def _ordered(low: float, high: float, low_name: str, high_name: str) -> None:
 
 class ModelConfig(_Strict):
     bundle: Path = Field(strict=False, description="bundle folder written by haloae-export")
-    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
-        "auto", description="auto picks the fastest available: tensorrt, then onnxruntime (CUDA, then CPU), then torch")
+    backend: Literal[runtime.choices()] = Field(  # type: ignore[valid-type] - from the backend registry
+        "auto", description="auto picks the first that loads, by priority: "
+        f"{', '.join(runtime.choices()[1:])} (onnxruntime: CUDA, then CPU)")
     precision: Literal["fp32", "fp16"] = Field("fp32", description="which model file / engine precision to run")
     batch_size: int = Field(1, ge=1, description="frames per inference call, batched across cameras (<= the bundle's batch)")
     threads: int = Field(0, ge=0, description="CPU threads for inference (0 = all cores)")

@@ -24,6 +24,8 @@ from collections import deque
 
 import numpy as np
 
+from haloae.manifest import THRESHOLD_TARGET, Manifest
+
 from .config_surface import DriftConfig
 
 log = logging.getLogger(__name__)
@@ -32,16 +34,14 @@ CHECK_EVERY = 10  # normal frames between two judgements
 CLEAR_POWER = 0.8  # drift ends within factor ** CLEAR_POWER
 
 
-def baseline_median(manifest: dict) -> float | None:
+def baseline_median(manifest: Manifest) -> float | None:
     """The calibration median in normalised units, or None when the bundle has no statistics."""
-    thr = manifest.get("threshold") if isinstance(manifest.get("threshold"), dict) else {}
-    stats = thr.get("normal_scores") if isinstance(thr.get("normal_scores"), dict) else {}
-    p50, raw = stats.get("p50"), thr.get("raw_image")
+    p50, raw = manifest.threshold.normal_scores.get("p50"), manifest.threshold.raw_image
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (p50, raw)):
         return None
     if raw <= 0 or p50 <= 0:
         return None
-    return 0.5 * float(p50) / float(raw)
+    return THRESHOLD_TARGET * float(p50) / float(raw)
 
 
 class _Camera:
@@ -57,13 +57,13 @@ class _Camera:
 class DriftMonitor:
     """Rolling medians per camera against one baseline. Thread-safe."""
 
-    def __init__(self, cfg: DriftConfig, manifest: dict, cameras: list[str]):
+    def __init__(self, cfg: DriftConfig, manifest: Manifest, cameras: list[str]):
         self.cfg = cfg
         self._cameras = list(cameras)
         self._lock = threading.Lock()
         self.set_manifest(manifest)
 
-    def set_manifest(self, manifest: dict) -> None:
+    def set_manifest(self, manifest: Manifest) -> None:
         """A new bundle (reload): new baseline, windows start afresh."""
         baseline = baseline_median(manifest) if self.cfg.enabled else None
         with self._lock:

@@ -1,10 +1,10 @@
 """The inference worker: newest frame of every camera → batch → backend → ``FrameResult``s.
 
 One thread per GPU (one per daemon here). It takes up to ``batch`` waiting frames across cameras
-(at most one per camera: the newest, see edge/ipc.py), preprocesses them exactly like training
-(``haloae.train.data.to_model_input``: RGB, resize to the model's input size with
-``cv2.INTER_AREA``, × 1/255, HWC → CHW float32), pads the batch with zeros up to the bundle's
-static batch size, runs the backend and hands one :class:`FrameResult` per frame to the sink
+(at most one per camera: the newest, see edge/ipc.py), preprocesses them with THE preprocessing
+training uses (``haloae.preprocess.to_batch``: RGB, resize to the model's input size with
+``cv2.INTER_AREA``, × 1/255, HWC → CHW float32, zero-padded up to the bundle's static batch
+size), runs the backend (``haloae.runtime``) and hands one :class:`FrameResult` per frame to the sink
 (``Publisher.publish_result``). A frame is anomalous when ``score >= threshold``; the threshold
 is the runtime setting (MQTT ``threshold/set``), else the camera's ``threshold``, else the
 bundle's (0.5 in normalised units). The defect mask is ``anomaly_map >= pixel threshold``. A
@@ -29,13 +29,11 @@ import threading
 import time
 from typing import Callable
 
-import cv2
 import numpy as np
 
-from haloae.export.bundle import BundleError
-from haloae.validate import check_threshold
-
-from .backends import Backend
+from haloae.manifest import Manifest
+from haloae.preprocess import to_batch
+from haloae.runtime import Backend
 from .config import CameraConfig
 from .frames import FrameResult
 from .ipc import Frame, LatestFrames
@@ -48,29 +46,9 @@ MAX_FAILURES_IN_A_ROW = 10  # the backend keeps failing: give up, systemd restar
 MAX_INVALID_IN_A_ROW = 50  # frames with NaN / inf outputs in a row: the model is broken, give up
 
 
-def preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """RGB uint8 HxWx3 -> float32 [3, height, width] in [0, 1] (= train/data.to_model_input)."""
-    if rgb.shape[:2] != (height, width):
-        rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
-    x = rgb.astype(np.float32) * (1.0 / 255.0)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # 3, H, W
-
-
-def bundle_thresholds(manifest: dict) -> tuple[float, float]:
-    """``(image, pixel)`` thresholds of a manifest (normalised; 0.5 when absent); BundleError if
-    one is not a finite number in (0, 10] (``load_manifest`` refuses those already)."""
-    thr = manifest.get("threshold") if isinstance(manifest.get("threshold"), dict) else {}
-    try:
-        return (check_threshold(thr.get("image", 0.5), "threshold.image"),
-                check_threshold(thr.get("pixel", 0.5), "threshold.pixel"))
-    except ValueError as exc:
-        raise BundleError(f"manifest: {exc}") from None
-
-
-def model_id(manifest: dict, bundle_hash: str) -> str:
-    """Id of the running model: the manifest's ``model.id``, else ``<model.name>-<bundle hash>``."""
-    model = manifest.get("model", {})
-    return str(model.get("id") or f"{model.get('name', 'haloae')}-{bundle_hash[:12]}")
+def bundle_thresholds(manifest: Manifest) -> tuple[float, float]:
+    """``(image, pixel)`` thresholds of a manifest (normalised; checked by ``haloae.manifest``)."""
+    return manifest.threshold.image, manifest.threshold.pixel
 
 
 def camera_zones(cameras: list[CameraConfig]) -> dict[str, ZoneSet]:
@@ -78,14 +56,14 @@ def camera_zones(cameras: list[CameraConfig]) -> dict[str, ZoneSet]:
     return {c.id: ZoneSet(c.ignore_zones, f"camera {c.id}: ignore zones") for c in cameras if c.ignore_zones}
 
 
-def check_zones(cameras: list[CameraConfig], manifest: dict) -> Reduction | None:
+def check_zones(cameras: list[CameraConfig], manifest: Manifest) -> Reduction | None:
     """The bundle's score reduction when some camera has ignore zones (None otherwise); ZonesError
     when the bundle's score cannot be rescored or a camera's zones leave no pixel of the map."""
     zones = camera_zones(cameras)
     if not zones:
         return None
-    reduction = reduction_from_model_config((manifest.get("model") or {}).get("config"))
-    _, _, mh, mw = manifest["input"]["shape"]
+    reduction = reduction_from_model_config(manifest.model_config)
+    _, _, mh, mw = manifest.input.shape
     for cam, zs in zones.items():
         w, h = zs.zones.size
         zs.check_map(w, h, mw, mh)
@@ -99,7 +77,7 @@ class _Broken(RuntimeError):
 class InferenceWorker(threading.Thread):
     """Scores frames until stopped; ``fatal`` is set when the backend keeps failing."""
 
-    def __init__(self, backend: Backend, manifest: dict, model_id: str, frames: LatestFrames,
+    def __init__(self, backend: Backend, manifest: Manifest, model_id: str, frames: LatestFrames,
                  sink: Callable[[FrameResult], None], stats: Stats, cameras: list[CameraConfig],
                  batch_size: int = 1, on_scored: Callable[[], None] | None = None):
         super().__init__(name="inference", daemon=True)
@@ -120,9 +98,8 @@ class InferenceWorker(threading.Thread):
         self._apply(backend, manifest, model_id, *bundle_thresholds(manifest))
 
     # -- settings ---------------------------------------------------------------------------
-    def set_backend(self, backend: Backend, manifest: dict, model_id: str) -> None:
-        """Use ``backend`` from the next batch on; the worker closes the previous one. Raises
-        ``BundleError`` here, in the caller's thread, for bad manifest thresholds."""
+    def set_backend(self, backend: Backend, manifest: Manifest, model_id: str) -> None:
+        """Use ``backend`` from the next batch on; the worker closes the previous one."""
         thresholds = bundle_thresholds(manifest)
         with self._lock:
             self._pending = (backend, manifest, model_id, *thresholds)
@@ -138,7 +115,7 @@ class InferenceWorker(threading.Thread):
         with self._lock:
             self._zones = zones
 
-    def _apply(self, backend: Backend, manifest: dict, model_id: str, image: float, pixel: float) -> None:
+    def _apply(self, backend: Backend, manifest: Manifest, model_id: str, image: float, pixel: float) -> None:
         n = backend.input_shape[0]
         if self.batch_size > n:
             log.warning("model.batch_size %d > the bundle's batch %d: batching %d frames", self.batch_size, n, n)
@@ -147,7 +124,7 @@ class InferenceWorker(threading.Thread):
                         "to %d frames; export with --batch %d or raise model.batch_size", n, self.batch_size, n,
                         self.batch_size)
         try:
-            reduction = reduction_from_model_config((manifest.get("model") or {}).get("config"))
+            reduction = reduction_from_model_config(manifest.model_config)
         except ZonesError:
             reduction = None  # check_zones refused it already when a camera has zones
         with self._lock:
@@ -229,9 +206,7 @@ class InferenceWorker(threading.Thread):
     def _score(self, backend: Backend, frames: list[Frame]) -> None:
         picked = time.monotonic()
         n, _, h, w = backend.input_shape
-        batch = np.zeros((n, 3, h, w), np.float32)
-        for i, f in enumerate(frames):
-            batch[i] = preprocess(f.image, h, w)
+        batch = to_batch([f.image for f in frames], backend.input_shape)  # n, 3, h, w
         t0 = time.perf_counter()
         scores, maps = backend.run(batch)
         infer_ms = (time.perf_counter() - t0) * 1000.0

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from haloae.export.bundle import BundleError
+from haloae.manifest import BundleError
 
 from . import topics
 from .alarms import SCHEMA_VERSION, iso_utc
-from .backends import BackendUnavailable
+from haloae.runtime import BackendUnavailable
 from .config import ConfigError
 from .payloads import dumps
 from .reload import LoadedModel, load_model

@@ -16,19 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from haloae.export.bundle import bundle_hash, verify_bundle
+from haloae.bundle import Bundle
+from haloae.manifest import Manifest
+from haloae.runtime import Backend, load_backend
 
-from .backends import Backend
-from .backends.select import load_backend
 from .config import ConfigError, EdgeConfig
-from .infer import bundle_thresholds, check_zones, model_id
+from .infer import bundle_thresholds, check_zones
 from .zones import ZonesError
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     backend: Backend
-    manifest: dict
+    manifest: Manifest
     model_id: str
     image_threshold: float
     pixel_threshold: float
@@ -37,14 +37,16 @@ class LoadedModel:
 def load_model(cfg: EdgeConfig) -> LoadedModel:
     """Verify the bundle, check the cameras' ignore zones against it and build its backend;
     raises BundleError / ConfigError / BackendUnavailable."""
-    manifest = verify_bundle(cfg.model.bundle)
-    image, pixel = bundle_thresholds(manifest)
+    bundle = Bundle.open(cfg.model.bundle)
+    image, pixel = bundle_thresholds(bundle.manifest)
     try:
-        check_zones(cfg.cameras, manifest)
+        check_zones(cfg.cameras, bundle.manifest)
     except ZonesError as err:
         raise ConfigError(f"cameras.*.ignore_zones: {err}") from None
-    backend = load_backend(cfg.model, cfg.model.bundle, manifest, cfg.state_dir / "engines")
-    return LoadedModel(backend, manifest, model_id(manifest, bundle_hash(cfg.model.bundle, manifest)), image, pixel)
+    m = cfg.model
+    backend = load_backend(bundle, m.backend, precision=m.precision, threads=m.threads, checkpoint=m.checkpoint,
+                           engine_dir=cfg.state_dir / "engines")
+    return LoadedModel(backend, bundle.manifest, bundle.model_id, image, pixel)
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from haloae.export import bundle as bundle_mod
+from haloae import bundle as bundle_mod
 from haloae.export import trt_engine
+from haloae.manifest import Manifest
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -101,22 +102,23 @@ def _threshold_section(calibration: dict[str, Any], model) -> dict[str, Any]:
     the graph divides by), how they were set from the checkpoint's calibration record."""
     keys = ("method", "quantile", "pixel_quantile", "promised_false_positive_rate",
             "threshold_images", "images_needed", "reliable", "normal_scores")
-    raw = model.calibration.thresholds()
-    return {"raw_image": raw["image_threshold"], "raw_pixel": raw["pixel_threshold"],
-            **{k: calibration[k] for k in keys if k in calibration}}
+    return {**model.calibration.thresholds(), **{k: calibration[k] for k in keys if k in calibration}}
 
 
 def export_bundle(checkpoint: Path, out: Path, fp16: bool = False, batch: int = 1,
                   opset: int = 17, data: Path | None = None, samples: int = 8,
                   threads: int | None = None,
-                  say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                  say: Callable[[str], None] = lambda m: None) -> Manifest:
     """Export ``checkpoint`` to the bundle folder ``out`` and return its manifest.
 
     Built in a temporary folder beside ``out`` and moved in place at the end, so a failed
     export never leaves a half-written bundle. ``out`` may be missing, empty or a bundle.
     """
+    import dataclasses
+
     import torch
 
+    from haloae.bundle import Bundle
     from haloae.export import parity
     from haloae.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, ExportError, export_onnx
     from haloae.train.checkpoint import load_checkpoint
@@ -146,38 +148,37 @@ def export_bundle(checkpoint: Path, out: Path, fp16: bool = False, batch: int = 
         say(f"      {len(graph.graph.node)} nodes, TensorRT operator check passed")
         say(f"[3/5] parity PyTorch vs ONNX Runtime on {samples} images")
         x, source = parity.sample_images(samples, (h, w), data)
-        names = list(OUTPUT_NAMES.values())
-        ref = parity.run_batched(parity.torch_runner(module), x, batch)
-        sess = parity.ort_session(work / bundle_mod.MODEL_FP32, threads)
-        got32 = parity.run_batched(parity.ort_runner(sess, INPUT_NAME, names), x, batch)
+        ref = parity.torch_runner(module, batch)(x)
+        files = {bundle_mod.MODEL_FP32: bundle_mod.file_entry(work / bundle_mod.MODEL_FP32,
+                                                              "fp32")}
+        manifest = Manifest.create(
+            input_name=INPUT_NAME, input_shape=[batch, 3, h, w],
+            mean=model.backbone.mean.reshape(-1).tolist(), std=model.backbone.std.reshape(-1).tolist(),
+            output_names=OUTPUT_NAMES, threshold=_threshold_section(ckpt["calibration"], model),
+            files=files, parity={},
+            model=_model_section(model.cfg, ckpt, files[bundle_mod.MODEL_FP32]["sha256"],
+                                 Path(checkpoint)))
+        # the graphs run through the same runtime backend as the edge (haloae.runtime)
+        got32 = parity.run_bundle(Bundle(work, manifest), "fp32", x, threads)
         record = {"samples": len(x), "source": source, "fp32": parity.check_fp32(ref, got32)}
         say(f"      fp32 max |Δscore| {record['fp32']['max_abs_score']:.2g}, "
             f"max |Δmap| {record['fp32']['max_abs_map']:.2g}")
-        files = {bundle_mod.MODEL_FP32: bundle_mod.file_entry(work / bundle_mod.MODEL_FP32,
-                                                              "fp32")}
         if fp16:
             say("[4/5] fp16 graph (fp32 I/O, fp32 islands) and its parity vs fp32")
             _write_fp16(graph, work / bundle_mod.MODEL_FP16)
-            sess16 = parity.ort_session(work / bundle_mod.MODEL_FP16, threads)
-            got16 = parity.run_batched(parity.ort_runner(sess16, INPUT_NAME, names), x, batch)
+            files[bundle_mod.MODEL_FP16] = bundle_mod.file_entry(work / bundle_mod.MODEL_FP16,
+                                                                 "fp16")
+            manifest = Manifest.from_dict({**manifest.to_dict(), "files": files})
+            got16 = parity.run_bundle(Bundle(work, manifest), "fp16", x, threads)
             record["fp16"] = parity.check_fp16(got32, got16)
             say(f"      fp16 max |Δscore| {record['fp16']['max_abs_score']:.2g}, "
                 f"max |Δmap| {record['fp16']['max_abs_map']:.2g}")
-            files[bundle_mod.MODEL_FP16] = bundle_mod.file_entry(work / bundle_mod.MODEL_FP16,
-                                                                 "fp16")
         else:
             say("[4/5] fp16 skipped (use --fp16)")
         say("[5/5] writing manifest")
-        mean = model.backbone.mean.reshape(-1).tolist()
-        std = model.backbone.std.reshape(-1).tolist()
-        manifest = bundle_mod.make_manifest(
-            input_name=INPUT_NAME, input_shape=[batch, 3, h, w], mean=mean, std=std,
-            output_names=OUTPUT_NAMES, threshold=_threshold_section(ckpt["calibration"], model),
-            files=files, parity=record,
-            model=_model_section(model.cfg, ckpt, files[bundle_mod.MODEL_FP32]["sha256"],
-                                 Path(checkpoint)))
-        bundle_mod.write_manifest(work, manifest)
-        bundle_mod.verify_bundle(work, check_onnx=True)
+        manifest = dataclasses.replace(manifest, parity=record)
+        manifest.write(work)
+        manifest = bundle_mod.verify_bundle(work, check_onnx=True)
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
@@ -232,8 +233,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         check_onnx = importlib.util.find_spec("onnx") is not None
         manifest = bundle_mod.verify_bundle(args.verify, check_onnx=check_onnx)
         note = "" if check_onnx else " (graph check skipped: the onnx package is not installed)"
-        print(f"bundle {args.verify} OK: model {manifest['model'].get('id')}, files "
-              f"{', '.join(manifest['files'])}, input {manifest['input']['shape']}{note}")
+        print(f"bundle {args.verify} OK: model {manifest.model.get('id')}, files "
+              f"{', '.join(manifest.files)}, input {list(manifest.input.shape)}{note}")
         return 0
     precision = "fp16" if args.fp16 else "fp32"
     if args.engine and args.out is None and args.source is not None:
@@ -246,7 +247,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     manifest = export_bundle(args.source, args.out, args.fp16, args.batch, args.opset, args.data,
                              args.samples, args.threads, say=print)
     print(f"bundle {args.out} written in {time.perf_counter() - start:.1f} s "
-          f"(model {manifest['model']['id']})")
+          f"(model {manifest.model['id']})")
     if args.engine:
         _engine(args.out, precision, args.engine_cache)
     return 0

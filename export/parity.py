@@ -2,8 +2,9 @@
 
 Sample images come from ``--data`` (an MVTec-layout root or a folder of images, good and
 defective test images mixed), else from the synthetic surface generator
-(``haloae.edge.synthetic``, good parts and every defect kind, fixed seed). All go through
-THE preprocessing (``haloae.train.data.to_model_input``).
+(``haloae.synthetic``, good parts and every defect kind, fixed seed). All go through
+THE preprocessing (``haloae.preprocess.to_model_input``). The exported graphs run through
+``haloae.runtime.load_backend`` (ONNX Runtime on the CPU), the backend code the edge runs.
 
 Tolerances (normalised units, where the calibrated threshold is 0.5; docs/bundle.md):
 
@@ -26,8 +27,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from haloae.bundle import Bundle
+from haloae.manifest import THRESHOLD_TARGET as THRESHOLD
+from haloae.preprocess import to_model_input
 from haloae.train import data as data_mod
-from haloae.train.calibration import THRESHOLD_TARGET as THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class ParityError(RuntimeError):
 
 
 def _synthetic(k: int, size: int, seed: int) -> list[np.ndarray]:
-    from haloae.edge import synthetic
+    from haloae import synthetic
 
     rng = np.random.default_rng(seed)
     kinds = (None, *synthetic.DEFECT_KINDS)  # good and every defect kind, in turn
@@ -71,46 +74,38 @@ def sample_images(k: int, size: int | tuple[int, int], data: Path | None = None,
     else:
         side = size if isinstance(size, int) else max(size)
         images, source = _synthetic(k, side, seed), "synthetic"
-    batch = np.stack([data_mod.to_model_input(img, size) for img in images])
+    batch = np.stack([to_model_input(img, size) for img in images])
     return batch.astype(np.float32), source
 
 
-def ort_session(path: Path, threads: int | None = None):
-    """A CPU ONNX Runtime session with ``threads`` intra-op threads (default: all cores)."""
-    import onnxruntime as ort
+def run_bundle(bundle: Bundle, precision: str, x: np.ndarray, threads: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` [K, 3, H, W] through the bundle's ``precision`` graph with the runtime's ONNX Runtime
+    backend on the CPU (``threads`` intra-op threads, default all cores), in static batches."""
+    from haloae.runtime import load_backend
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or os.cpu_count() or 1
-    opts.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def run_batched(fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray,
-                batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``fn`` on fixed-size batches (the last one padded by repeating its last image)."""
-    scores, maps = [], []
-    for start in range(0, len(x), batch):
-        chunk = x[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        s, m = fn(chunk)
-        scores.append(np.asarray(s)[:n])
-        maps.append(np.asarray(m)[:n])
-    return np.concatenate(scores), np.concatenate(maps)
+    backend = load_backend(bundle, "onnxruntime", precision=precision, device="cpu",
+                           threads=threads or os.cpu_count() or 1)
+    try:
+        return backend.run_padded(x)
+    finally:
+        backend.close()
 
 
-def torch_runner(module: torch.nn.Module) -> Callable:
+def torch_runner(module: torch.nn.Module, batch: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The PyTorch reference on ``x`` [K, 3, H, W] in the graph's static batches (padded alike)."""
     def run(x: np.ndarray):
+        scores, maps = [], []
         with torch.no_grad():
-            s, m = module(torch.from_numpy(x))
-        return s.numpy(), m.numpy()
-    return run
-
-
-def ort_runner(session, input_name: str, output_names: list[str]) -> Callable:
-    def run(x: np.ndarray):
-        return tuple(session.run(output_names, {input_name: x}))
+            for lo in range(0, len(x), batch):
+                chunk = x[lo:lo + batch]  # k, 3, H, W
+                k = len(chunk)
+                if k < batch:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - k, axis=0)])  # batch, 3, H, W
+                s, m = module(torch.from_numpy(chunk))
+                scores.append(s.numpy()[:k])
+                maps.append(m.numpy()[:k])
+        return np.concatenate(scores), np.concatenate(maps)
     return run
 
 

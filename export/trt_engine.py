@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from haloae.export import bundle as bundle_mod
+from haloae import bundle as bundle_mod
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def get_or_build_engine(bundle_dir: Path, cache_dir: Path | None = None, precisi
     trt = trt or import_tensorrt()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     expected = {"tensorrt_version": str(trt.__version__), "gpu_name": gpu_name(),
-                "precision": precision, "bundle_hash": bundle_mod.bundle_hash(bundle_dir, manifest)}
+                "precision": precision, "bundle_hash": bundle_mod.bundle_hash(manifest)}
     key = cache_key(expected["bundle_hash"], expected["tensorrt_version"], expected["gpu_name"],
                     precision)
     engine_path, meta_path = engine_paths(cache_dir, key)

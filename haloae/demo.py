@@ -27,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .manifest import MANIFEST
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TRAIN_IMAGES = 800
 BIN = Path(sys.executable).parent
@@ -102,7 +104,7 @@ def write_video(path: Path, frames: int, size: int, seed: int) -> list[bool]:
     """A line video of ``frames`` parts; returns which frames are defective. Lossless FFV1 (the
     frames reach the model as generated, like a raw industrial camera's), MJPG where OpenCV has
     no FFV1 encoder."""
-    from haloae.edge.synthetic import LineSimulator
+    from haloae.synthetic import LineSimulator
 
     sim = LineSimulator(size=size, seed=seed, run_length=8, defect_every=3)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 10.0, (size, size))
@@ -250,7 +252,7 @@ def prepare_bundle(wd: Path, args: argparse.Namespace, env: dict) -> Path:
 
     step(3, "exporting the deployable bundle (ONNX fp32 + fp16)")
     bundle = wd / "bundle"
-    manifest = bundle / "manifest.json"
+    manifest = bundle / MANIFEST
     if manifest.is_file() and manifest.stat().st_mtime > ckpt.stat().st_mtime:
         print(f"  reusing {bundle}")
     else:

@@ -8,7 +8,7 @@ line, exit `EXIT_FAILED` (1). Anything else is a bug: the runner prints the trac
 1, so a `ValueError` from a code path can never pass for bad input.
 
 Stage-specific errors subclass these and keep their own names (``train.config.ConfigError``,
-``export.bundle.BundleError``, ...). They also subclass the builtin they used to be
+``haloae.manifest.BundleError``, ...). They also subclass the builtin they used to be
 (``ValueError``, ``RuntimeError``) so callers that catch those keep working.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's picture: real detections of the exported model (ONNX Runtime on the bundle).
+"""The README's picture: real detections of the exported model (the bundle through haloae.runtime).
 
 One row per synthetic defect kind: the camera image | the anomaly heat map | the predicted
 defect mask (map >= pixel threshold) with the true defect outlined in green.
@@ -9,30 +9,19 @@ defect mask (map >= pixel threshold) with the true defect outlined in green.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-
-def _session(bundle: Path):
-    import onnxruntime as ort
-
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    return sess, manifest
+from .bundle import Bundle
+from .preprocess import to_batch
+from .runtime import Backend, load_backend
 
 
-def _infer(sess, manifest: dict, rgb: np.ndarray) -> tuple[float, np.ndarray]:
-    n, _, h, w = manifest["input"]["shape"]
-    x = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
-    batch = np.zeros((n, 3, h, w), np.float32)
-    batch[0] = x.transpose(2, 0, 1)
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {manifest["input"]["name"]: batch})))
-    score = float(outs[manifest["outputs"]["score"]["name"]][0])
-    amap = outs[manifest["outputs"]["anomaly_map"]["name"]][0, 0]
-    return score, amap
+def _infer(backend: Backend, rgb: np.ndarray) -> tuple[float, np.ndarray]:
+    scores, maps = backend.run(to_batch([rgb], backend.input_shape))  # [N], [N, 1, H, W]
+    return float(scores[0]), maps[0, 0]
 
 
 def _heat(amap: np.ndarray, size: int) -> np.ndarray:
@@ -41,15 +30,17 @@ def _heat(amap: np.ndarray, size: int) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap((m * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
-def write_detection_image(bundle: Path, out: Path, size: int = 256, seed: int = 11) -> Path:
-    from haloae.edge.synthetic import DEFECT_KINDS, sample
+def write_detection_image(bundle: Path, out: Path, size: int = 256, seed: int = 11,
+                          backend: str = "onnxruntime") -> Path:
+    from haloae.synthetic import DEFECT_KINDS, sample
 
-    sess, manifest = _session(Path(bundle))
-    pixel_threshold = float(manifest["threshold"]["pixel"])
+    opened = Bundle.open(Path(bundle))
+    runner = load_backend(opened, backend, device="cpu")
+    pixel_threshold = opened.manifest.threshold.pixel
     rows = []
     for i, kind in enumerate(DEFECT_KINDS):
         rgb, truth = sample(np.random.default_rng([seed, i]), size, kind)
-        score, amap = _infer(sess, manifest, rgb)
+        score, amap = _infer(runner, rgb)
         pred = cv2.resize((amap >= pixel_threshold).astype(np.uint8) * 255, (size, size), interpolation=cv2.INTER_NEAREST)
         pred_rgb = np.repeat(pred[..., None], 3, axis=2)
         contours, _ = cv2.findContours(truth, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -57,6 +48,7 @@ def write_detection_image(bundle: Path, out: Path, size: int = 256, seed: int = 
         tiles = [rgb.copy(), _heat(amap, size), pred_rgb]
         cv2.putText(tiles[0], f"{kind}  score {score:.2f}", (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1)
         rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1))
+    runner.close()
     grid = np.concatenate(rows, axis=0)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from conftest import CHILD_ENV, REPO, bin_path, run_cli
 sys.path.insert(0, str(Path(__file__).parent / "edge"))
 from mqtt_helpers import Subscriber  # noqa: E402
 
-from haloae.edge.synthetic import LineSimulator  # noqa: E402
+from haloae.synthetic import LineSimulator  # noqa: E402
 
 ROI = [16, 8, 128, 128]
 P = "haloae/loop"

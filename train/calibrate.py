@@ -77,7 +77,7 @@ def thresholds_from_scores(raw_image_scores: np.ndarray, raw_pixels: Optional[np
     # ok (and grow every region into normal texture). The floor keeps "region => defect".
     pixel_thr = max(pixel_thr, image_thr)
     need = min_normals(image_quantile)
-    return {"image_threshold": image_thr, "pixel_threshold": pixel_thr,
+    return {"raw_image": image_thr, "raw_pixel": pixel_thr,
             "pixel_quantile_threshold": pixel_quantile_thr, "method": "quantile",
             "quantile": float(image_quantile), "pixel_quantile": float(pixel_quantile),
             "promised_false_positive_rate": float(1.0 - image_quantile),
@@ -155,10 +155,10 @@ def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 
         info["position_norm"] = fit_position_stats(model, position_loader, device)
     scores, pixels = collect_raw(model, loader, device)
     cal = thresholds_from_scores(scores, pixels, image_quantile, pixel_quantile)
-    model.calibration.set_thresholds(cal["image_threshold"], cal["pixel_threshold"])
+    model.calibration.set_thresholds(cal["raw_image"], cal["raw_pixel"])
     cal.update(info)
     _LOG.info("calibrated on %d normal images: image threshold %.4g, pixel threshold %.4g",
-              len(scores), cal["image_threshold"], cal["pixel_threshold"])
+              len(scores), cal["raw_image"], cal["raw_pixel"])
     if not cal["reliable"]:
         _LOG.warning("the image threshold is UNRELIABLE: %d held-out normal images set it, but "
                      "a %.3g quantile (a promised false-positive rate of %.1f %%) needs at "

@@ -9,7 +9,9 @@ saved in the checkpoint's state dict and traced into the exported graph:
   score;
 - ``image_threshold``, ``pixel_threshold``: quantiles of held-out normal image scores / map
   pixels in raw units; `normalize` divides by them so both thresholds sit at 0.5 in the
-  outputs (linear, monotone, never clipped).
+  outputs (linear, monotone, never clipped). Those are the buffer names in the checkpoint's
+  state dict; everywhere else (the calibration record, `thresholds()`, the bundle manifest)
+  the same two values are called ``raw_image`` and ``raw_pixel``.
 
 `train/calibrate.py` computes the values; this module only holds and applies them.
 """
@@ -20,7 +22,8 @@ import math
 import torch
 from torch import nn
 
-THRESHOLD_TARGET = 0.5  # both thresholds sit here in the normalised outputs
+from haloae.manifest import THRESHOLD_TARGET  # both thresholds sit here in the normalised outputs
+
 POS_STD_FLOOR = 0.1  # pos_std >= this fraction of its mean: no position divides by ~0
 
 
@@ -71,5 +74,5 @@ class Calibration(nn.Module):
                 amap * (THRESHOLD_TARGET / self.pixel_threshold))
 
     def thresholds(self) -> dict[str, float]:
-        return {"image_threshold": float(self.image_threshold),
-                "pixel_threshold": float(self.pixel_threshold)}
+        """``{"raw_image", "raw_pixel"}``: the raw thresholds, named as in the manifest."""
+        return {"raw_image": float(self.image_threshold), "raw_pixel": float(self.pixel_threshold)}

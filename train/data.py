@@ -14,8 +14,8 @@ Layouts understood:
 `check_readable` decodes every file of a sample list and reports ALL unreadable ones in one
 `DataError` (one line each), before any model work.
 
-`to_model_input` is THE preprocessing (resize with INTER_AREA, RGB, scale 1/255, HWC -> CHW);
-the edge daemon re-implements exactly this in numpy/OpenCV (docs/bundle.md).
+Images become model input through THE preprocessing, ``haloae.preprocess`` (RGB, resize with
+INTER_AREA, scale 1/255, HWC -> CHW), the same functions the edge daemon runs (docs/bundle.md).
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from haloae.preprocess import Size, hw, resize_rgb, to_model_input, to_rgb
 
 _LOG = logging.getLogger(__name__)
 
@@ -79,45 +81,18 @@ def read_image(path: PathLike) -> np.ndarray:
     elif img.dtype != np.uint8:
         raise ImageReadError(f"{path}: unsupported pixel type {img.dtype}; save it as 8- or "
                              "16-bit PNG/JPEG")
-    if img.ndim == 2:
-        return np.ascontiguousarray(np.repeat(img[..., None], 3, axis=2))
-    if img.shape[2] == 1:
-        return np.ascontiguousarray(np.repeat(img, 3, axis=2))
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    if img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    raise ImageReadError(f"{path}: {img.shape[2]} channels; use a grey, RGB or RGBA image")
-
-
-Size = Union[int, Sequence[int]]  # a square side or (height, width)
-
-
-def _hw(size: Size) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else \
-        (int(size[0]), int(size[1]))
+    try:
+        return to_rgb(img)
+    except ValueError as exc:
+        raise ImageReadError(f"{path}: {exc}") from None
 
 
 def read_mask(path: PathLike, size: Size) -> np.ndarray:
     """Read a mask as height x width float32 in {0, 1} (nearest resize, threshold 127)."""
-    h, w = _hw(size)
+    h, w = hw(size)
     m = _decode(Path(path), cv2.IMREAD_GRAYSCALE)
     m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
     return (m > 127).astype(np.float32)
-
-
-def resize_rgb(rgb_uint8: np.ndarray, size: Size) -> np.ndarray:
-    """RGB uint8 resized to ``size`` (INTER_AREA, as the edge does); unchanged if it fits."""
-    h, w = _hw(size)
-    if rgb_uint8.shape[:2] != (h, w):
-        rgb_uint8 = cv2.resize(rgb_uint8, (w, h), interpolation=cv2.INTER_AREA)
-    return rgb_uint8
-
-
-def to_model_input(rgb_uint8: np.ndarray, size: Size) -> np.ndarray:
-    """THE preprocessing: RGB uint8 H x W x 3 -> float32 [3, height, width] in [0, 1]."""
-    x = resize_rgb(rgb_uint8, size).astype(np.float32) * (1.0 / 255.0)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # 3, height, width
 
 
 def list_images(folder: PathLike) -> list[Path]:
@@ -341,7 +316,7 @@ def split_holdout(samples: Sequence[Sample], fraction: float,
 
 def load_images(samples: Sequence[Sample], size: Size, progress: bool = False) -> torch.Tensor:
     """All images of ``samples`` resized to ``size``: uint8 tensor [N, 3, height, width]."""
-    h, w = _hw(size)
+    h, w = hw(size)
     out = torch.empty((len(samples), 3, h, w), dtype=torch.uint8)
     it: Iterable = samples
     if progress:
@@ -357,7 +332,7 @@ class ImageDataset(Dataset):
     """Torch data set over `Sample` s: dict(image, mask, label, defect_class, path)."""
 
     def __init__(self, samples: Sequence[Sample], size: Size):
-        self.samples, self.size = list(samples), _hw(size)
+        self.samples, self.size = list(samples), hw(size)
 
     def __len__(self) -> int:
         return len(self.samples)

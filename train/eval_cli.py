@@ -73,7 +73,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, names in (("haloae.train.checkpoint", ("CheckpointError",)),
                           ("haloae.train.data", ("DataError", "ImageReadError")),
                           ("haloae.train.ddp", ("DeviceError",)),
-                          ("haloae.export.bundle", ("BundleError",))):
+                          ("haloae.manifest", ("BundleError",)),
+                          ("haloae.runtime", ("BackendUnavailable",))):
         mod = importlib.import_module(module)
         found += [getattr(mod, n) for n in names]
     return tuple(found)
@@ -86,7 +87,7 @@ def _check_source(args: argparse.Namespace) -> None:
         raise CheckpointError(f"checkpoint {args.checkpoint} not found: pass the final.pt (or "
                               "last.pt) that haloae-train wrote into its --out folder")
     if args.bundle is not None:
-        from haloae.export.bundle import verify_bundle
+        from haloae.bundle import verify_bundle
         verify_bundle(args.bundle)
 
 

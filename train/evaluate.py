@@ -1,10 +1,11 @@
-"""Score a test set with a checkpoint (PyTorch) or a bundle (ONNX Runtime) and compute metrics.
+"""Score a test set with a checkpoint (PyTorch) or a bundle and compute metrics.
 
-Both paths use THE preprocessing (``data.to_model_input``) and the same metric code, so
-``haloae-eval --bundle`` shows directly how far deployed scores are from training-side scores.
-Scores and maps are the normalised outputs (calibrated thresholds at 0.5):
+Both paths use THE preprocessing (``haloae.preprocess``) and the same metric code; a bundle runs
+through ``haloae.runtime.load_backend``, the very backend code the edge daemon runs, so
+``haloae-eval --bundle`` measures what the line runs and shows how far deployed scores are from
+training-side scores. Scores and maps are the normalised outputs (calibrated thresholds at 0.5):
 
-    score = 0.5 * score_raw / image_threshold_raw,  map = 0.5 * map_raw / pixel_threshold_raw
+    score = 0.5 * score_raw / raw_image,  map = 0.5 * map_raw / raw_pixel
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import numpy as np
 
 from haloae.edge.zones import IgnoreZones, ZoneSet, reduction_from_model_config
 
+from haloae.manifest import THRESHOLD_TARGET
+from haloae.preprocess import to_model_input
+
 from . import metrics
-from .data import (DataError, Sample, check_readable, find_eval_samples, read_image, read_mask,
-                   to_model_input)
+from .data import DataError, Sample, check_readable, find_eval_samples, read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -103,48 +106,27 @@ def checkpoint_scorer(path: Path, device: str = "auto", threads: int | None = No
         return s.float().cpu().numpy(), m.float().cpu().numpy()
 
     cal = ckpt.get("calibration") or {}
-    thr = model.calibration.thresholds()
     info = {"model": model.cfg.name, "device": str(dev), "threads": _threads(threads),
-            "file": str(path),
-            "raw_image": thr["image_threshold"], "raw_pixel": thr["pixel_threshold"],
+            "file": str(path), **model.calibration.thresholds(),
             "calibration_method": cal.get("method"), "calibration": _reliability(cal)}
     return Scorer(run, model.cfg.hw, batch, "checkpoint", info, model.cfg.to_dict())
 
 
 def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = None,
-                  precision: str = "fp32") -> Scorer:
-    """ONNX Runtime session on the bundle's ``model.onnx`` (or ``model.fp16.onnx``)."""
-    import onnxruntime as ort
+                  precision: str = "fp32", backend: str = "auto") -> Scorer:
+    """The bundle through ``haloae.runtime.load_backend`` (``auto``: what the edge picks here)."""
+    from haloae.bundle import Bundle
+    from haloae.runtime import load_backend
 
-    from haloae.export.bundle import model_file, verify_bundle
-
-    manifest = verify_bundle(bundle_dir)
-    path = model_file(bundle_dir, manifest, precision)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = _threads(threads)
-    opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    if device.startswith("cuda") and not has_cuda:
-        raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider; install "
-                         "onnxruntime-gpu or use --device cpu")
-    if device != "cpu" and has_cuda:
-        providers.insert(0, "CUDAExecutionProvider")
-    sess = ort.InferenceSession(str(path), opts, providers=providers)
-    inp, outs = manifest["input"], manifest["outputs"]
-    names = [outs["score"]["name"], outs["anomaly_map"]["name"]]
-
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s, m = sess.run(names, {inp["name"]: x})
-        return s, m
-
-    n, _, h, w = inp["shape"]
-    thr = manifest["threshold"]
-    info = {"model": manifest["model"].get("id"), "device": sess.get_providers()[0],
-            "threads": _threads(threads),
-            "file": str(path), "raw_image": thr.get("raw_image"), "raw_pixel": thr.get("raw_pixel"),
-            "calibration_method": thr.get("method"), "calibration": _reliability(thr)}
-    return Scorer(run, (int(h), int(w)), n, "bundle", info, manifest["model"].get("config"))
+    bundle = Bundle.open(bundle_dir)
+    runner = load_backend(bundle, backend, precision=precision, threads=_threads(threads), device=device)
+    m = bundle.manifest
+    cal = {**m.threshold.calibration}
+    info = {"model": m.model.get("id"), "device": runner.description, "threads": _threads(threads),
+            "file": str(getattr(runner, "path", bundle.model_file(precision))),
+            "raw_image": m.threshold.raw_image, "raw_pixel": m.threshold.raw_pixel,
+            "calibration_method": cal.get("method"), "calibration": _reliability(cal)}
+    return Scorer(runner.run, m.input.hw, m.batch, "bundle", info, m.model_config)
 
 
 def _reliability(cal: dict[str, Any]) -> dict[str, Any]:
@@ -229,12 +211,12 @@ def choose_thresholds(scored: ScoredSet, method: str = "holdout") -> dict[str, A
     set (optimistic: tuned on the images it is then measured on).
     """
     if method == "holdout":
-        return {"method": "holdout", "image": 0.5, "pixel": 0.5}
+        return {"method": "holdout", "image": THRESHOLD_TARGET, "pixel": THRESHOLD_TARGET}
     if method != "test-f1":
         raise ValueError(f"--calibrate-on {method}: use one of {', '.join(CALIBRATIONS)}")
     _, image_thr = metrics.f1_max(scored.labels, scored.scores)
     pix_labels, pix_scores = _pixel_subsample(scored)
-    pixel_thr = 0.5  # no mask: nothing to tune the pixel threshold on
+    pixel_thr = THRESHOLD_TARGET  # no mask: nothing to tune the pixel threshold on
     if pix_labels.size and pix_labels.min() != pix_labels.max():
         _, pixel_thr = metrics.f1_max(pix_labels, pix_scores)
     return {"method": "test-f1", "image": image_thr, "pixel": pixel_thr}

@@ -18,6 +18,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from haloae.preprocess import scale_tensor
+
 from .torch_model import HaloAE
 
 _LOG = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def _feature_batches(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
             yield cache[i: i + batch]
         else:
             with torch.no_grad():
-                yield model.extract(images[i: i + batch].to(device).float().div_(255.0))
+                yield model.extract(scale_tensor(images[i: i + batch].to(device)))
 
 
 @torch.no_grad()

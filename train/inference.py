@@ -6,8 +6,8 @@ normalisation, upsampling, score) + calibration (``calibration.py``), without th
 heads (Blocks D, E). It takes RGB float [0, 1] NCHW at the model's input size and returns
 calibrated, normalised outputs (docs/architecture.md):
 
-    score_norm = 0.5 * score_raw / image_threshold      [N]
-    map_norm   = 0.5 * map_raw   / pixel_threshold      [N, 1, H, W]
+    score_norm = 0.5 * score_raw / raw_image      [N]
+    map_norm   = 0.5 * map_raw   / raw_pixel      [N, 1, H, W]
 
 so both thresholds sit at 0.5 (linear, monotone, never clipped).
 """
@@ -74,7 +74,7 @@ def _number(calibration: Mapping, key: str) -> float:
     try:
         return float(calibration[key])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CalibrationError(f"calibration needs a number '{key}' (got {calibration!r}); "
+        raise CalibrationError(f"calibration needs the raw threshold '{key}' as a number (got {calibration!r}); "
                                "calibrate the model first (train/calibrate.py)") from exc
 
 
@@ -89,8 +89,8 @@ class HaloAEInference(nn.Module):
                  source: Optional[str] = None) -> None:
         super().__init__()
         if calibration is not None:  # thresholds given by hand (tests, notebooks)
-            model.calibration.set_thresholds(_number(calibration, "image_threshold"),
-                                             _number(calibration, "pixel_threshold"))
+            model.calibration.set_thresholds(_number(calibration, "raw_image"),
+                                             _number(calibration, "raw_pixel"))
         check_calibrated(model, source or f"HaloAE '{model.cfg.name}'")
         self.cfg = model.cfg
         self.backbone = model.backbone  # Block A (frozen, with its standardisation)

@@ -16,8 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
+
+from haloae.manifest import THRESHOLD_TARGET
+from haloae.preprocess import resize_rgb
 
 from . import metrics
 from .data import read_image
@@ -91,7 +93,7 @@ def plot_roc(scored: ScoredSet, path: Path, thresholds: dict[str, float] | None 
     """Image and pixel ROC with a LOG false-positive axis (the useful range of an inspector is
     FPR 0.1-5 %, which a linear axis squeezes into its left edge) and the operating point."""
     plt = _plt()
-    thresholds = thresholds or {"image": 0.5, "pixel": 0.5}
+    thresholds = thresholds or {"image": THRESHOLD_TARGET, "pixel": THRESHOLD_TARGET}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, (labels, scores, title), key in zip(axes, _problems(scored), ("image", "pixel")):
         if labels.size == 0 or labels.min() == labels.max():
@@ -118,7 +120,7 @@ def plot_roc(scored: ScoredSet, path: Path, thresholds: dict[str, float] | None 
 def plot_pr(scored: ScoredSet, path: Path, thresholds: dict[str, float] | None = None) -> None:
     """Precision-recall curves (image, pixel): what share of alarms are real at each recall."""
     plt = _plt()
-    thresholds = thresholds or {"image": 0.5, "pixel": 0.5}
+    thresholds = thresholds or {"image": THRESHOLD_TARGET, "pixel": THRESHOLD_TARGET}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, (labels, scores, title), key in zip(axes, _problems(scored), ("image", "pixel")):
         if labels.size == 0 or labels.min() == labels.max():
@@ -190,7 +192,7 @@ def plot_overlays(scored: ScoredSet, rows: list[int], title: str, pixel_thr: flo
     h, w = scored.maps.shape[-2:]
     vmax = 2.0 * pixel_thr  # threshold = the middle colour
     for r, i in enumerate(rows):
-        rgb = cv2.resize(read_image(scored.paths[i]), (w, h), interpolation=cv2.INTER_AREA)
+        rgb = resize_rgb(read_image(scored.paths[i]), (h, w))
         pred = scored.maps[i] >= pixel_thr
         gt = ("ground truth" if scored.has_mask[i] or scored.labels[i] == 0
               else "ground truth: no mask")

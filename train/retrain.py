@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from haloae.manifest import THRESHOLD_TARGET as T
+
 from .data import DataError, check_readable, find_eval_samples, find_folder_samples, find_train_samples
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,8 @@ def _side(scored) -> dict[str, Any]:
     both = good.size and bad.size
     return {"images": int(y.size), "good": int(good.size), "defect": int(bad.size),
             "image_auroc": metrics.auroc(y, s) if both else None,
-            "false_alarms": int(np.sum(good >= 0.5)), "false_alarm_rate": float(np.mean(good >= 0.5)) if good.size else None,
-            "missed": int(np.sum(bad < 0.5)), "recall": float(np.mean(bad >= 0.5)) if bad.size else None,
+            "false_alarms": int(np.sum(good >= T)), "false_alarm_rate": float(np.mean(good >= T)) if good.size else None,
+            "missed": int(np.sum(bad < T)), "recall": float(np.mean(bad >= T)) if bad.size else None,
             "good_score_median": float(np.median(good)) if good.size else None}
 
 
@@ -227,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from haloae.export.bundle import BundleError
+    from haloae.manifest import BundleError
 
     from .checkpoint import CheckpointError
 

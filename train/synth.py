@@ -1,7 +1,7 @@
 """``haloae-synth``: a deterministic synthetic data set in MVTec AD layout.
 
 Images come from the generator the edge daemon's ``synthetic`` camera uses
-(`haloae.edge.synthetic`), so demo camera frames look like the training data. Every file is
+(`haloae.synthetic`), so demo camera frames look like the training data. Every file is
 drawn from its own random stream ``default_rng([seed, split, index])`` and written as PNG:
 the same seed gives byte-identical files, and changing one count does not change the others.
 
@@ -20,7 +20,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from haloae.edge.synthetic import DEFECT_KINDS, sample
+from haloae.synthetic import DEFECT_KINDS, sample
 
 MARKER = "synth.json"
 _SPLIT_CODES = {"train": 0, "test": 1}
@@ -70,7 +70,7 @@ def generate(out: Path, seed: int, size: int = 256, train: int = 120, test_good:
             gt = out / "ground_truth" / kind
             gt.mkdir(parents=True, exist_ok=True)
             _write_png(gt / f"{stem}_mask.png", np.where(mask > 0, 255, 0).astype(np.uint8))
-    info = {"generator": "haloae.edge.synthetic", "seed": seed, "size": size, "train": train,
+    info = {"generator": "haloae.synthetic", "seed": seed, "size": size, "train": train,
             "test_good": test_good, "test_per_kind": test_per_kind,
             "defect_kinds": list(DEFECT_KINDS)}
     (out / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")

@@ -28,6 +28,8 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from haloae.preprocess import scale_tensor
+
 from . import ddp
 from .calibrate import calibrate
 from .checkpoint import read_checkpoint, save_checkpoint
@@ -97,7 +99,7 @@ def _feature_cache(model: HaloAE, images: torch.Tensor, cfg: TrainCfg, device: t
         starts = tqdm(starts, desc="caching features", unit="batch", leave=False)
     with torch.no_grad():
         for i in starts:
-            x = images[i: i + bs].to(device).float().div_(255.0)
+            x = scale_tensor(images[i: i + bs].to(device))
             out[i: i + bs] = model.extract(x)
     return out
 
@@ -116,7 +118,7 @@ def _init_output_bias(model: HaloAE, images: torch.Tensor, cache: Optional[torch
         if cache is not None:
             mean = cache.mean(dim=(0, 2, 3))
         else:
-            x = images[:64].to(device).float().div_(255.0)
+            x = scale_tensor(images[:64].to(device))
             mean = model.extract(x).mean(dim=(0, 2, 3))
         last[-1].bias.copy_(mean.to(last[-1].bias))
 
@@ -327,7 +329,7 @@ def _step(model: HaloAE, heads: nn.Module, opt, scaler, images: torch.Tensor,
           weights: dict[str, float], device: torch.device, use_amp: bool) -> dict[str, float]:
     """One optimisation step on the images ``idx``; returns the logged loss parts."""
     it = torch.tensor(idx)
-    clean = images[it].to(device, non_blocking=True).float().div_(255.0)  # B, 3, S, S
+    clean = scale_tensor(images[it].to(device, non_blocking=True))  # B, 3, S, S
     a = cfg.augment
     x, labels, _ = augment_batch(clean, gen, a.p_cutpaste, a.p_scar, a.jitter)
     with torch.no_grad():

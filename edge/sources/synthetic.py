@@ -1,5 +1,5 @@
 """``kind: synthetic`` (``source: synthetic``): an endless simulated line with known defective
-runs (``edge/synthetic.py``), for the demo, tests and benchmarks."""
+runs (``haloae/synthetic.py``), for the demo, tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator
 
-from ..synthetic import LineSimulator
+from haloae.synthetic import LineSimulator
 from .base import CameraConfig, Source
 from .registry import register
 

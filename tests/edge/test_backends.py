@@ -9,19 +9,18 @@ import importlib.util
 import numpy as np
 import pytest
 
-from haloae.edge.backends import Backend, BackendUnavailable
-from haloae.edge.backends.select import load_backend
-from haloae.edge.config import ModelConfig
-from haloae.edge.infer import preprocess
-from haloae.edge.synthetic import LineSimulator
-from haloae.export.bundle import verify_bundle
+from haloae.bundle import Bundle
+from haloae.manifest import Manifest
+from haloae.preprocess import to_model_input
+from haloae.runtime import Backend, BackendUnavailable, RuntimeOptions, load_backend
+from haloae.synthetic import LineSimulator
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def frames_batch(n: int, size: int, seed: int = 5) -> np.ndarray:
     sim = LineSimulator(size=256, seed=seed, run_length=2, defect_every=2)  # frames 2, 3 defective
-    return np.stack([preprocess(sim.frame(i)[0], size, size) for i in range(n)])  # n, 3, size, size
+    return np.stack([to_model_input(sim.frame(i)[0], size) for i in range(n)])  # n, 3, size, size
 
 
 def run_each(backend: Backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,10 +34,9 @@ def run_each(backend: Backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def test_onnxruntime_matches_torch_on_the_tiny_bundle(tiny_bundle, trained_tiny, tmp_path):
     ckpt, _ = trained_tiny
-    manifest = verify_bundle(tiny_bundle)
-    ort_b = load_backend(ModelConfig(bundle=tiny_bundle, backend="onnxruntime", threads=1), tiny_bundle, manifest, tmp_path)
-    torch_b = load_backend(ModelConfig(bundle=tiny_bundle, backend="torch", checkpoint=ckpt, threads=1),
-                           tiny_bundle, manifest, tmp_path)
+    bundle = Bundle.open(tiny_bundle)
+    ort_b = load_backend(bundle, "onnxruntime", threads=1)
+    torch_b = load_backend(bundle, "torch", checkpoint=ckpt, threads=1)
     assert ort_b.name == "onnxruntime" and ort_b.device == "CPUExecutionProvider"
     assert torch_b.name == "torch" and torch_b.input_shape == ort_b.input_shape
     size = ort_b.input_shape[2]
@@ -52,10 +50,8 @@ def test_onnxruntime_matches_torch_on_the_tiny_bundle(tiny_bundle, trained_tiny,
 
 
 def test_fp16_model_is_close_to_fp32(tiny_bundle, tmp_path):
-    manifest = verify_bundle(tiny_bundle)
-    b32 = load_backend(ModelConfig(bundle=tiny_bundle, backend="onnxruntime", threads=1), tiny_bundle, manifest, tmp_path)
-    b16 = load_backend(ModelConfig(bundle=tiny_bundle, backend="onnxruntime", precision="fp16", threads=1),
-                       tiny_bundle, manifest, tmp_path)
+    b32 = load_backend(tiny_bundle, "onnxruntime", threads=1)
+    b16 = load_backend(tiny_bundle, "onnxruntime", precision="fp16", threads=1)
     assert b16.path.name == "model.fp16.onnx" and b32.path.name == "model.onnx"
     x = frames_batch(2, b32.input_shape[2])
     s32, _ = run_each(b32, x)
@@ -65,20 +61,19 @@ def test_fp16_model_is_close_to_fp32(tiny_bundle, tmp_path):
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed here: auto would pick it")
 def test_auto_without_tensorrt_picks_onnxruntime_and_says_why(tiny_bundle, tmp_path, caplog):
-    manifest = verify_bundle(tiny_bundle)
-    caplog.set_level("INFO", logger="haloae.edge.backends.select")
-    b = load_backend(ModelConfig(bundle=tiny_bundle, threads=1), tiny_bundle, manifest, tmp_path)
+    bundle = Bundle.open(tiny_bundle)
+    caplog.set_level("INFO", logger="haloae.runtime.registry")
+    b = load_backend(bundle, threads=1, engine_dir=tmp_path)
     assert b.name == "onnxruntime"
     assert len(b.skipped) == 1 and b.skipped[0].startswith("tensorrt: tensorrt not installed")
     assert "tensorrt not installed" in caplog.text and "inference backend: onnxruntime" in caplog.text
     with pytest.raises(BackendUnavailable, match="tensorrt not installed"):
-        load_backend(ModelConfig(bundle=tiny_bundle, backend="tensorrt"), tiny_bundle, manifest, tmp_path)
+        load_backend(bundle, "tensorrt", engine_dir=tmp_path)
 
 
 def test_torch_backend_needs_a_checkpoint(tiny_bundle, tmp_path):
-    manifest = verify_bundle(tiny_bundle)
     with pytest.raises(BackendUnavailable, match="model.checkpoint"):
-        load_backend(ModelConfig(bundle=tiny_bundle, backend="torch"), tiny_bundle, manifest, tmp_path)
+        load_backend(tiny_bundle, "torch")
 
 
 # --- TensorRT binding code against a stand-in engine (TensorRT needs an NVIDIA GPU) ------------
@@ -169,17 +164,22 @@ class _HostMemory:
         self.arrays.pop(handle.ctypes.data, None)
 
 
-def _manifest(n=2, size=16):
-    return {"input": {"name": "image", "shape": [n, 3, size, size]},
-            "outputs": {"score": {"name": "score"}, "anomaly_map": {"name": "anomaly_map"}}}
+def _bundle(tmp_path, n=2, size=16, input_name="image") -> Bundle:
+    manifest = Manifest.create(input_name=input_name, input_shape=[n, 3, size, size], mean=[], std=[],
+                               output_names={"score": "score", "anomaly_map": "anomaly_map"}, threshold={},
+                               files={"model.onnx": {"sha256": "0" * 64, "bytes": 0}}, model={}, parity={})
+    return Bundle(tmp_path, manifest)
+
+
+FP16 = RuntimeOptions(precision="fp16")
 
 
 def test_tensorrt_backend_binds_tensors_by_name_and_runs(tmp_path):
-    from haloae.edge.backends.tensorrt_backend import TensorRTBackend
+    from haloae.runtime.backends.tensorrt_backend import TensorRTBackend
 
     engine = tmp_path / "e.engine"
     engine.write_bytes(b"engine")
-    b = TensorRTBackend(tmp_path, _manifest(), "fp16", trt=_FakeTrt, memory=_HostMemory(), engine_path=engine)
+    b = TensorRTBackend(_bundle(tmp_path), FP16, trt=_FakeTrt, memory=_HostMemory(), engine_path=engine)
     x = np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)
     score, amap = b.run(x)
     assert b.context.calls == [1234], "execute_async_v3 runs on the backend's stream"
@@ -194,14 +194,13 @@ def test_tensorrt_backend_binds_tensors_by_name_and_runs(tmp_path):
 
 
 def test_tensorrt_backend_refuses_engine_with_other_tensors(tmp_path):
-    from haloae.edge.backends.tensorrt_backend import TensorRTBackend
+    from haloae.runtime.backends.tensorrt_backend import TensorRTBackend
 
     engine = tmp_path / "e.engine"
     engine.write_bytes(b"engine")
-    m = _manifest()
-    m["input"]["name"] = "input"
     with pytest.raises(BackendUnavailable, match="delete it to rebuild"):
-        TensorRTBackend(tmp_path, m, "fp16", trt=_FakeTrt, memory=_HostMemory(), engine_path=engine)
+        TensorRTBackend(_bundle(tmp_path, input_name="input"), FP16, trt=_FakeTrt, memory=_HostMemory(),
+                        engine_path=engine)
     engine.write_bytes(b"garbage")
     with pytest.raises(BackendUnavailable, match="cannot deserialize"):
-        TensorRTBackend(tmp_path, _manifest(), "fp16", trt=_FakeTrt, memory=_HostMemory(), engine_path=engine)
+        TensorRTBackend(_bundle(tmp_path), FP16, trt=_FakeTrt, memory=_HostMemory(), engine_path=engine)

@@ -17,7 +17,7 @@ from haloae.edge.capture import BadFrame, CaptureWorker, check_source, source_ki
 from haloae.edge.config import ConfigError, HealthConfig
 from haloae.edge.ipc import LatestFrames
 from haloae.edge.sources import CameraConfig, parse_camera
-from haloae.edge.synthetic import LineSimulator
+from haloae.synthetic import LineSimulator
 
 HEALTH = HealthConfig(reopen_min_s=0.1, reopen_max_s=0.4, stale_after_s=5)
 

@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 from conftest import bin_path, run_cli
 
-from haloae.edge.infer import preprocess
+from haloae.preprocess import to_model_input as edge_input
 from haloae.train.data import find_train_samples, read_image, to_model_input
 
 ROI = [8, 8, 64, 48]  # x, y, w, h in the 96x80 frame
@@ -73,7 +73,7 @@ def test_collect_keeps_the_daemons_view_and_skips_dark_blurred_repeated(tmp_path
         assert saved.shape == (48, 64, 3)
         np.testing.assert_array_equal(saved, crops[i])  # lossless, the daemon's crop
         # what training feeds the model == what the daemon feeds it for that frame
-        np.testing.assert_array_equal(to_model_input(saved, 32), preprocess(crops[i], 32, 32))
+        np.testing.assert_array_equal(to_model_input(saved, 32), edge_input(crops[i], 32))
     assert "skipped: 3 dark, 1 blurred, 3 near-duplicate" in proc.stdout, proc.stdout
     assert "kept 33 of 40 frame(s)" in proc.stdout and "(64x48 after the roi)" in proc.stdout
     assert "the source ended" in proc.stdout and "haloae-train" in proc.stdout

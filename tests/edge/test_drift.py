@@ -16,15 +16,23 @@ from toy_bundle import SIZE, make_toy_bundle
 
 from haloae.edge.config_surface import DriftConfig
 from haloae.edge.drift import DriftMonitor, baseline_median
-from haloae.edge.synthetic import LineSimulator
+from haloae.manifest import Manifest
+from haloae.synthetic import LineSimulator
 
-MANIFEST = {"threshold": {"raw_image": 0.02, "normal_scores": {"n": 50, "p50": 0.008}}}  # median 0.2 normalised
+def _manifest(**threshold) -> Manifest:
+    return Manifest.create(input_name="image", input_shape=[1, 3, 8, 8], mean=[], std=[],
+                           output_names={"score": "score", "anomaly_map": "anomaly_map"}, threshold=threshold,
+                           files={"model.onnx": {"sha256": "0" * 64, "bytes": 0}}, model={}, parity={})
+
+
+MANIFEST = _manifest(raw_image=0.02, normal_scores={"n": 50, "p50": 0.008})  # median 0.2 normalised
 
 
 def test_baseline_is_the_normalised_calibration_median():
     assert baseline_median(MANIFEST) == pytest.approx(0.2)
-    assert baseline_median({"threshold": {"raw_image": 0.02}}) is None
-    assert baseline_median({"threshold": {"raw_image": 0.02, "normal_scores": {"p50": float("nan")}}}) is None
+    assert baseline_median(_manifest(raw_image=0.02)) is None
+    assert baseline_median(_manifest(raw_image=0.02, normal_scores={"p50": "0.01"})) is None
+    assert baseline_median(_manifest(normal_scores={"n": 50, "p50": 0.008})) is None
 
 
 def test_monitor_judges_the_median_of_normal_frames_with_hysteresis():
@@ -39,7 +47,7 @@ def test_monitor_judges_the_median_of_normal_frames_with_hysteresis():
     # back to 0.18 (ratio 0.9): inside factor ** 0.8, drift ends
     changes = [c for c in (mon.observe("cam0", 0.18, False) for _ in range(40)) if c]
     assert [c["state"] for c in changes] == ["ok"]
-    assert DriftMonitor(DriftConfig(), {"threshold": {}}, ["cam0"]).snapshot("cam0") == {"state": "off"}
+    assert DriftMonitor(DriftConfig(), _manifest(), ["cam0"]).snapshot("cam0") == {"state": "off"}
 
 
 def _toy_score(rgb: np.ndarray) -> float:

@@ -19,7 +19,7 @@ import yaml
 from conftest import CHILD_ENV, bin_path
 from mqtt_helpers import Subscriber
 
-from haloae.edge.synthetic import LineSimulator
+from haloae.synthetic import LineSimulator
 
 PREFIX = "haloae/e2e"
 N_FRAMES = 40  # with run_length 8, defect_every 3: frames 16-23 are defective, the rest clean

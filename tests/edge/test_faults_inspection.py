@@ -25,7 +25,7 @@ from mqtt_helpers import Subscriber, edge_config, make_result
 from toy_bundle import BRIGHT, DARK, MID, make_toy_bundle, write_video
 
 from haloae.edge.app import EdgeApp
-from haloae.edge.backends import Backend
+from haloae.runtime import Backend
 from haloae.edge.publish import Publisher
 from haloae.edge.watchdog import Notifier
 

@@ -10,21 +10,27 @@ import numpy as np
 import pytest
 import zmq
 
-from haloae.edge.backends import Backend
-from haloae.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+from haloae.bundle import Bundle
 from haloae.edge.config import CameraConfig
-from haloae.edge.infer import InferenceWorker, preprocess
+from haloae.edge.infer import InferenceWorker
 from haloae.edge.ipc import FrameSender, LatestFrames
 from haloae.edge.stats import Stats
-from haloae.edge.synthetic import LineSimulator
-from haloae.export.bundle import verify_bundle
+from haloae.preprocess import to_batch, to_model_input
+from haloae.runtime import Backend
+from haloae.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from haloae.runtime.base import RuntimeOptions
+from haloae.synthetic import LineSimulator
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (120, 200), (128, 128), (64, 96)])
-def test_preprocess_is_the_training_preprocessing(shape):
-    to_model_input = pytest.importorskip("haloae.train.data").to_model_input
+def test_edge_batch_is_the_training_input_zero_padded(shape):
+    data = pytest.importorskip("haloae.train.data")
     rgb = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(preprocess(rgb, 128, 128), to_model_input(rgb, 128))
+    batch = to_batch([rgb, rgb[::-1]], (3, 3, 128, 128))
+    np.testing.assert_array_equal(batch[0], data.to_model_input(rgb, 128))  # what training feeds
+    np.testing.assert_array_equal(batch[1], to_model_input(rgb[::-1], 128))
+    assert not batch[2].any() and batch.dtype == np.float32
+    assert 0.0 <= batch.min() and batch.max() <= 1.0
 
 
 class VirtualBatch(Backend):
@@ -81,8 +87,8 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def ort(tiny_bundle):
-    manifest = verify_bundle(tiny_bundle)
-    return OnnxRuntimeBackend(tiny_bundle, manifest, threads=1), manifest
+    bundle = Bundle.open(tiny_bundle)
+    return OnnxRuntimeBackend(bundle, RuntimeOptions(threads=1)), bundle.manifest
 
 
 def test_batches_across_cameras_with_padding(ort):
@@ -90,7 +96,7 @@ def test_batches_across_cameras_with_padding(ort):
     size = inner.input_shape[2]
     sim = LineSimulator(size=256, seed=2, run_length=2, defect_every=2)
     frames = [sim.frame(i)[0] for i in range(4)]
-    ref = [float(inner.run(preprocess(f, size, size)[None])[0][0]) for f in frames]
+    ref = [float(inner.run(to_model_input(f, size)[None])[0][0]) for f in frames]
     backend = VirtualBatch(inner, 4)
     cams = [CameraConfig(id=c, source="synthetic", threshold=t) for c, t in (("a", None), ("b", 0.9), ("c", None))]
     rig = Rig(backend, manifest, cams, batch_size=4)

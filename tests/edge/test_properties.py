@@ -22,7 +22,7 @@ from toy_bundle import make_toy_bundle
 
 from haloae.edge.config import ConfigError, load_config
 from haloae.edge.settings import SettingError, parse_set, parse_threshold
-from haloae.export.bundle import BundleError, load_manifest
+from haloae.manifest import BundleError, read_manifest
 from haloae.validate import DECIMAL, IDENTIFIER, check_prefix, mqtt_text_problem
 
 FAST = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -150,7 +150,7 @@ def test_manifest_loader_refuses_or_accepts_only_working_values(edits):
     bundle.mkdir(exist_ok=True)
     (bundle / "manifest.json").write_text(json.dumps(doc))  # NaN / Infinity written as JSON would not be
     try:
-        m = load_manifest(bundle)
+        m = read_manifest(bundle).to_dict()
     except BundleError as err:
         assert str(err).strip()
         return
@@ -172,7 +172,7 @@ def test_manifest_loader_on_arbitrary_text_only_raises_bundle_errors(text):
     bundle.mkdir(exist_ok=True)
     (bundle / "manifest.json").write_text(text)
     try:
-        load_manifest(bundle)
+        read_manifest(bundle)
     except BundleError:
         return
     raise AssertionError("arbitrary text accepted as a manifest")

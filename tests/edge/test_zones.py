@@ -17,6 +17,7 @@ from haloae.edge.app import EdgeApp
 from haloae.edge.config import ConfigError, load_config
 from haloae.edge.infer import check_zones
 from haloae.edge.zones import Reduction, ZoneSet, ZonesError, load_zones, parse_zones, reduction_from_model_config
+from haloae.manifest import Manifest
 from haloae.train import eval_cli, evaluate
 
 SQUARE = [[0, 0], [16, 0], [16, 16], [0, 16]]
@@ -99,7 +100,10 @@ def test_config_reads_the_zones_file_and_checks_it(tmp_path):
     (tmp_path / "edge.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="cameras.0.ignore_zones: .*zones.yaml: polygons.0: a polygon needs 3"):
         load_config(tmp_path / "edge.yaml")
-    manifest = {"input": {"shape": [1, 3, 8, 8]}, "model": {"config": {"map": {"score": "pooled"}}}}
+    manifest = Manifest.create(input_name="image", input_shape=[1, 3, 8, 8], mean=[], std=[],
+                               output_names={"score": "score", "anomaly_map": "anomaly_map"}, threshold={},
+                               files={"model.onnx": {"sha256": "0" * 64, "bytes": 0}},
+                               model={"config": {"map": {"score": "pooled"}}}, parity={})
     with pytest.raises(ZonesError):
         check_zones(loaded.cameras, manifest)
 

@@ -1,5 +1,5 @@
 """Tiny real bundles for daemon tests: an ONNX graph built with ``onnx.helper`` (8x8 input), a
-manifest from ``haloae.export.bundle``, run by ONNX Runtime like any bundle; and videos of
+manifest from ``haloae.manifest``, run by ONNX Runtime like any bundle; and videos of
 frames of known brightness written with OpenCV.
 
 The graph's anomaly map is the channel mean of the input (``sqrt(mean - offset)`` with
@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from haloae.export import bundle as B
+from haloae import bundle as B
+from haloae.manifest import Manifest
 
 SIZE = 8
 DARK, MID, BRIGHT = 40, 110, 235  # 0.16, 0.43, 0.92 of full scale
@@ -47,13 +48,13 @@ def make_toy_bundle(folder: Path, offset: float | None = None, model_id: str = "
     """A verified bundle in ``folder`` (see the module doc for what it computes)."""
     folder.mkdir(parents=True, exist_ok=True)
     _graph(folder / B.MODEL_FP32, offset)
-    manifest = B.make_manifest(
+    manifest = Manifest.create(
         input_name="image", input_shape=[1, 3, SIZE, SIZE], mean=[0.5] * 3, std=[0.5] * 3,
         output_names={"score": "score", "anomaly_map": "anomaly_map"},
         threshold={"raw_image": 0.02, "raw_pixel": 0.01, "method": "quantile"},
         files={B.MODEL_FP32: B.file_entry(folder / B.MODEL_FP32, "fp32")},
         model={"id": model_id, "name": "toy"}, parity={"samples": 0})
-    B.write_manifest(folder, manifest)
+    manifest.write(folder)
     B.verify_bundle(folder, check_onnx=True)
     return folder
 

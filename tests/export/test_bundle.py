@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from haloae.export import bundle as B
+from haloae import bundle as B
+from haloae.manifest import Manifest, read_manifest
 
 
 def _toy_graph(path, n=1, size=8):
@@ -33,13 +34,13 @@ def _toy_graph(path, n=1, size=8):
 def make_bundle(folder, n=1, size=8):
     folder.mkdir(parents=True)
     _toy_graph(folder / B.MODEL_FP32, n, size)
-    manifest = B.make_manifest(
+    manifest = Manifest.create(
         input_name="image", input_shape=[n, 3, size, size], mean=[0.5] * 3, std=[0.5] * 3,
         output_names={"score": "score", "anomaly_map": "anomaly_map"},
         threshold={"raw_image": 0.02, "raw_pixel": 0.01, "method": "quantile"},
         files={B.MODEL_FP32: B.file_entry(folder / B.MODEL_FP32, "fp32")},
         model={"id": "toy-1", "name": "toy"}, parity={"samples": 0})
-    B.write_manifest(folder, manifest)
+    manifest.write(folder)
     return folder
 
 
@@ -56,22 +57,24 @@ def _edit_manifest(folder, change):
 
 
 def test_manifest_fields_and_verify_ok(bundle):
-    m = B.verify_bundle(bundle, check_onnx=True)
+    manifest = B.verify_bundle(bundle, check_onnx=True)
+    m = manifest.to_dict()
+    assert m == json.loads((bundle / B.MANIFEST).read_text()), "what is read is what is on disk"
     assert m["format"] == "haloae-bundle" and m["version"] == 1
     assert m["input"]["color"] == "RGB" and m["input"]["normalization"] == "in-graph"
     assert m["input"]["scale"] == pytest.approx(1 / 255)
     assert m["outputs"]["anomaly_map"]["shape"] == [1, 1, 8, 8]
     assert m["threshold"]["image"] == 0.5 and m["threshold"]["pixel"] == 0.5
     assert "0.5 * score_raw / raw_image" in m["threshold"]["formula"]
-    assert B.model_file(bundle, m, "fp16").name == B.MODEL_FP32  # no fp16 file: falls back
+    assert B.model_file(bundle, manifest, "fp16").name == B.MODEL_FP32  # no fp16 file: falls back
 
 
 def test_bundle_hash_ignores_threshold_edits_but_not_model_bytes(bundle):
-    h = B.bundle_hash(bundle)
+    h = B.bundle_hash(read_manifest(bundle))
     _edit_manifest(bundle, lambda m: m["threshold"].update(image=0.6))
-    assert B.bundle_hash(bundle) == h
+    assert B.bundle_hash(read_manifest(bundle)) == h
     _edit_manifest(bundle, lambda m: m["files"][B.MODEL_FP32].update(sha256="0" * 64))
-    assert B.bundle_hash(bundle) != h
+    assert B.bundle_hash(read_manifest(bundle)) != h
 
 
 def _flip_byte(folder):
@@ -122,7 +125,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_bundle_module_is_stdlib_only():
-    code = ("import sys, haloae.export.bundle, haloae.export.trt_engine; "
+    code = ("import sys, haloae.bundle, haloae.manifest, haloae.export.trt_engine; "
             "bad = [m for m in ('numpy', 'torch', 'onnx', 'onnxruntime', 'tensorrt') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -156,14 +159,12 @@ def test_engine_without_tensorrt_warns_and_exits_0(bundle, tmp_path):
 
 
 def test_toy_bundle_runs_in_onnxruntime(bundle):
-    import onnxruntime as ort
+    from haloae.runtime import load_backend
 
-    m = B.verify_bundle(bundle)
-    sess = ort.InferenceSession(str(B.model_file(bundle, m)), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).random(m["input"]["shape"], dtype=np.float32)
-    score, amap = sess.run([m["outputs"]["score"]["name"], m["outputs"]["anomaly_map"]["name"]],
-                           {m["input"]["name"]: x})
-    assert amap.shape == tuple(m["outputs"]["anomaly_map"]["shape"])
+    backend = load_backend(bundle, "onnxruntime", threads=1)
+    x = np.random.default_rng(0).random(backend.input_shape, dtype=np.float32)
+    score, amap = backend.run(x)
+    assert amap.shape == (1, 1, 8, 8)
     np.testing.assert_allclose(score, x.mean(axis=1).max(axis=(1, 2)), rtol=1e-6)
 
 

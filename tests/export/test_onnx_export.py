@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from haloae.export import bundle as B
+from haloae import bundle as B
 from haloae.export import parity, trt_ops
 from haloae.export.cli import export_bundle
 from haloae.export.fp16 import fp32_node_names
@@ -30,7 +30,7 @@ def exported(tmp_path_factory, fit_untrained):
     root = tmp_path_factory.mktemp("export")
     ckpt = save_checkpoint(root / "tiny.pt", model, calibration, {"epochs": 0, "seed": 0})
     out = root / "bundle"
-    manifest = export_bundle(ckpt, out, fp16=True, batch=2, samples=3, threads=2)
+    manifest = export_bundle(ckpt, out, fp16=True, batch=2, samples=3, threads=2).to_dict()
     return ckpt, out, manifest
 
 
@@ -72,9 +72,8 @@ def test_torch_vs_onnxruntime_parity_on_new_images(exported):
     model, c = load_checkpoint(ckpt)
     module = HaloAEInference(model)
     x, _ = parity.sample_images(5, 128, seed=7)  # 5 = 2 full batches + 1 padded
-    ref = parity.run_batched(parity.torch_runner(module), x, 2)
-    sess = parity.ort_session(out / B.MODEL_FP32, threads=1)
-    got = parity.run_batched(parity.ort_runner(sess, "image", ["score", "anomaly_map"]), x, 2)
+    ref = parity.torch_runner(module, 2)(x)
+    got = parity.run_bundle(B.Bundle.open(out), "fp32", x, threads=1)
     assert np.max(np.abs(ref[0] - got[0])) <= 1e-4
     assert np.max(np.abs(ref[1] - got[1])) <= 1e-3
     assert 0.05 < float(np.median(ref[0])) < 50  # normalised units, not raw squared errors

@@ -13,19 +13,20 @@ import types
 
 import pytest
 
-from haloae.export import bundle as B
+from haloae import bundle as B
+from haloae.manifest import Manifest, read_manifest
 from haloae.export import trt_engine as E
 
 
 def _bundle(folder, payload=b"onnx bytes"):
     folder.mkdir(parents=True)
     (folder / B.MODEL_FP32).write_bytes(payload)
-    manifest = B.make_manifest(
+    manifest = Manifest.create(
         input_name="image", input_shape=[1, 3, 8, 8], mean=[0.5] * 3, std=[0.5] * 3,
         output_names={"score": "score", "anomaly_map": "anomaly_map"}, threshold={},
         files={B.MODEL_FP32: B.file_entry(folder / B.MODEL_FP32, "fp32")},
         model={"id": "toy"}, parity={})
-    B.write_manifest(folder, manifest)
+    manifest.write(folder)
     return folder
 
 
@@ -168,7 +169,7 @@ def test_build_sequence_and_sidecar(monkeypatch, tmp_path, fake_gpu, version, fl
     assert engine.read_bytes() == b"ENGINEFP16"
     meta = json.loads(engine.with_suffix(".json").read_text())
     assert meta["tensorrt_version"] == version and meta["gpu_name"] == "Fake Orin"
-    assert meta["precision"] == "fp16" and meta["bundle_hash"] == B.bundle_hash(bundle)
+    assert meta["precision"] == "fp16" and meta["bundle_hash"] == B.bundle_hash(read_manifest(bundle))
     assert engine.stem == E.cache_key(meta["bundle_hash"], version, "Fake Orin", "fp16")
     timing = list(cache.glob("timing-*.cache"))
     assert len(timing) == 1 and timing[0].read_bytes() == b"+tactic"

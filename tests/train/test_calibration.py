@@ -37,7 +37,7 @@ def test_calibration_buffers_ride_in_the_checkpoint(tiny, tmp_path):
                 "backbone.feat_mean", "backbone.feat_std"):
         assert key in sd, key
         torch.testing.assert_close(loaded.state_dict()[key], model.state_dict()[key])
-    assert float(loaded.calibration.image_threshold) == pytest.approx(cal["image_threshold"])
+    assert float(loaded.calibration.image_threshold) == pytest.approx(cal["raw_image"])
     x = torch.rand(2, 3, 128, 128)
     with torch.no_grad():
         a, b = HaloAEInference(model)(x), HaloAEInference(loaded)(x)

@@ -85,15 +85,15 @@ def test_thresholds_are_quantiles_of_normal_scores():
     scores = np.arange(1, 101, dtype=np.float64)  # 1..100
     pixels = np.linspace(0, 1, 1001)
     cal = thresholds_from_scores(scores, pixels, image_quantile=0.9, pixel_quantile=0.5)
-    assert cal["image_threshold"] == pytest.approx(np.quantile(scores, 0.9))
+    assert cal["raw_image"] == pytest.approx(np.quantile(scores, 0.9))
     assert cal["pixel_quantile_threshold"] == pytest.approx(0.5)
-    assert cal["pixel_threshold"] == cal["image_threshold"]  # floor: a region means a defect
+    assert cal["raw_pixel"] == cal["raw_image"]  # floor: a region means a defect
     high = thresholds_from_scores(scores / 1000, pixels, image_quantile=0.9, pixel_quantile=0.9)
-    assert high["pixel_threshold"] == pytest.approx(0.9) and high["pixel_threshold"] > high["image_threshold"]
+    assert high["raw_pixel"] == pytest.approx(0.9) and high["raw_pixel"] > high["raw_image"]
     assert cal["normal_scores"]["n"] == 100 and cal["normal_scores"]["max"] == 100
     assert cal["normal_scores"]["p50"] == pytest.approx(50.5)
     zero = thresholds_from_scores(np.zeros(3), np.zeros(9))
-    assert zero["image_threshold"] > 0 and zero["pixel_threshold"] > 0  # they divide outputs
+    assert zero["raw_image"] > 0 and zero["raw_pixel"] > 0  # they divide outputs
     with pytest.raises(ValueError, match="image_quantile"):
         thresholds_from_scores(scores, pixels, image_quantile=1.5)
     with pytest.raises(ValueError, match="diverged"):
@@ -107,6 +107,6 @@ def test_calibrate_matches_raw_outputs(tiny_model):
                     pixel_quantile=1.0, position_loader=[pos])
     with torch.no_grad():
         s, m = raw_outputs(tiny_model, x)
-    assert cal["image_threshold"] == pytest.approx(float(s.max()), rel=1e-5)
-    assert cal["pixel_threshold"] == pytest.approx(float(m.max()), rel=1e-5)
+    assert cal["raw_image"] == pytest.approx(float(s.max()), rel=1e-5)
+    assert cal["raw_pixel"] == pytest.approx(float(m.max()), rel=1e-5)
     assert cal["normal_scores"]["n"] == 5

@@ -58,7 +58,7 @@ def test_two_gloo_ranks_end_with_identical_parameters(tmp_path):
     assert r0[1] == r1[1], "ranks diverged: gradients were not synchronised"
     # rank 0 alone wrote the run; its checkpoint holds exactly those parameters
     ckpt = torch.load(tmp_path / "run/final.pt", weights_only=True)
-    assert ckpt["train"]["world_size"] == 2 and ckpt["calibration"]["image_threshold"] > 0
+    assert ckpt["train"]["world_size"] == 2 and ckpt["calibration"]["raw_image"] > 0
     assert _param_digest(ckpt["state_dict"], _parameter_names()) == r0[1]
     assert len((tmp_path / "run/log.csv").read_text().splitlines()) == 2  # header + 1 epoch
 

@@ -12,7 +12,7 @@ from haloae.train.fit_stats import fit_gaussian, fit_standardization
 from haloae.train.inference import HaloAEInference, raw_outputs
 from haloae.train.torch_model import create_model
 
-CALIB = {"image_threshold": 2.0, "pixel_threshold": 4.0}
+CALIB = {"raw_image": 2.0, "raw_pixel": 4.0}
 
 
 def compute_anomaly(feats, recon, cfg: MapCfg, s: int):
@@ -61,8 +61,8 @@ def test_inference_outputs_and_normalisation(edge_model):
     assert not any("image_decoder" in n or "classifier" in n for n in names)
 
 
-@pytest.mark.parametrize("calib", [{}, {"image_threshold": 1.0, "pixel_threshold": 0.0},
-                                   {"image_threshold": float("nan"), "pixel_threshold": 1.0}])
+@pytest.mark.parametrize("calib", [{}, {"raw_image": 1.0, "raw_pixel": 0.0},
+                                   {"raw_image": float("nan"), "raw_pixel": 1.0}])
 def test_inference_rejects_bad_calibration(edge_model, calib):
     with pytest.raises(ValueError, match="threshold"):
         HaloAEInference(edge_model, calib)

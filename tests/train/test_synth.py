@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from haloae.edge.synthetic import DEFECT_KINDS
+from haloae.synthetic import DEFECT_KINDS
 from haloae.train.data import find_mvtec_samples
 from haloae.train.synth import generate, main
 

@@ -31,7 +31,7 @@ def test_tiny_training_separates_synthetic_defects(trained_tiny):
     ckpt_path, data = trained_tiny
     raw = torch.load(ckpt_path, weights_only=True)
     cal = raw["calibration"]
-    assert cal["image_threshold"] > 0 and cal["pixel_threshold"] > 0
+    assert cal["raw_image"] > 0 and cal["raw_pixel"] > 0
     assert raw["train"]["epochs"] == load_train_config(REPO / "configs/train/tiny.yaml").epochs
     model, _ = load_checkpoint(ckpt_path)
     infer = HaloAEInference(model, cal)
@@ -132,7 +132,7 @@ def test_resume_continues_to_the_same_result(tmp_path, small_data):
     b = torch.load(resumed.final, weights_only=True)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
-    assert a["calibration"]["image_threshold"] == b["calibration"]["image_threshold"]
+    assert a["calibration"]["raw_image"] == b["calibration"]["raw_image"]
     rows = list(csv.DictReader(open(tmp_path / "part/log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert [r["loss"] for r in rows] == [r["loss"] for r in csv.DictReader(open(tmp_path / "whole/log.csv"))]

@@ -1,28 +1,30 @@
-"""torch backend (debugging): the training checkpoint through ``HaloAEInference``.
+"""torch backend (priority 10, debugging): the training checkpoint through ``HaloAEInference``.
 
-The only edge module allowed to import torch and ``haloae.train``, and only when the backend is
-built. It outputs the same normalised ``(score, anomaly_map)`` as the bundle's graph, so
+The only runtime module allowed to import torch and ``haloae.train``, and only when the backend
+is built (the daemon never loads torch otherwise). It outputs the same normalised ``(score, anomaly_map)`` as the bundle's graph, so
 comparing it with ONNX Runtime on the same frames tells an export problem from a model problem.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
-from . import Backend, BackendUnavailable
+from haloae.bundle import Bundle
+
+from ..base import Backend, BackendUnavailable, RuntimeOptions
+from ..registry import register
 
 log = logging.getLogger(__name__)
 
 
+@register("torch", priority=10)
 class TorchBackend(Backend):
-    """Runs the checkpoint with torch on CUDA when available, else CPU."""
+    """Runs the checkpoint with torch on CUDA when available (device auto), else CPU."""
 
-    name = "torch"
-
-    def __init__(self, manifest: dict, checkpoint: Path | None, threads: int = 0, device: str | None = None):
+    def __init__(self, bundle: Bundle, options: RuntimeOptions = RuntimeOptions()):
+        checkpoint, threads = options.checkpoint, options.threads
         if checkpoint is None:
             raise BackendUnavailable("the torch backend needs model.checkpoint (the training final.pt)")
         try:
@@ -35,13 +37,14 @@ class TorchBackend(Backend):
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = "cuda" if options.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if options.device == "auto" else options.device)
         try:
             model, ckpt = load_checkpoint(checkpoint, device=self.device)
             self.module = HaloAEInference(model, source=str(checkpoint)).to(self.device).eval()
         except (CheckpointError, ValueError) as exc:
             raise BackendUnavailable(f"torch backend: {exc}") from None
-        self.input_shape = tuple(manifest["input"]["shape"])
+        self.input_shape = tuple(bundle.manifest.input.shape)
         h, w = self.module.cfg.hw
         if tuple(self.input_shape[2:]) != (h, w):
             raise BackendUnavailable(f"checkpoint {checkpoint} takes {w}x{h} inputs but the bundle "

@@ -1,9 +1,10 @@
-"""ONNX Runtime backend: the bundle's ``model.onnx`` (or ``model.fp16.onnx``) on CUDA or CPU.
+"""ONNX Runtime backend (priority 20): the bundle's ``model.onnx`` (or ``model.fp16.onnx``).
 
-``onnxruntime`` is imported when the backend is built, never at module import. The CUDA
-execution provider is used when this onnxruntime build has it (``onnxruntime-gpu``, the Jetson
-wheel), else the CPU provider with ``threads`` intra-op threads; the graph is optimised at
-level ALL when the session loads.
+``onnxruntime`` is imported when the backend is built, never at module import. With device
+``auto`` the CUDA execution provider is used when this onnxruntime build has it
+(``onnxruntime-gpu``, the Jetson wheel), else the CPU provider; ``cpu`` forces the CPU provider,
+``cuda`` requires CUDA. ``threads`` intra-op threads (0 = ONNX Runtime's default); the graph is
+optimised at level ALL when the session loads.
 """
 
 from __future__ import annotations
@@ -13,31 +14,42 @@ from pathlib import Path
 
 import numpy as np
 
-from haloae.export import bundle as bundle_mod
+from haloae.bundle import Bundle
+from haloae.manifest import MODEL_FP16, BundleError, Manifest
 
-from . import Backend, BackendUnavailable
+from ..base import Backend, BackendUnavailable, RuntimeOptions
+from ..registry import register
 
 log = logging.getLogger(__name__)
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def providers_for(device: str, available: list[str]) -> list[str]:
+    """The execution providers for ``device`` (auto / cpu / cuda) among ``available``."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
+        raise BackendUnavailable(f"device {device}: this onnxruntime has no CUDA provider; install "
+                                 "onnxruntime-gpu or use the cpu device")
+    return [p for p in PREFERRED_PROVIDERS if p in available]
+
+
+@register("onnxruntime", priority=20)
 class OnnxRuntimeBackend(Backend):
     """Runs a bundle with ONNX Runtime."""
 
-    name = "onnxruntime"
-
-    def __init__(self, bundle_dir: Path, manifest: dict, precision: str = "fp32", threads: int = 0):
+    def __init__(self, bundle: Bundle, options: RuntimeOptions = RuntimeOptions()):
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime "
                                      "(onnxruntime-gpu, or NVIDIA's Jetson wheel, for CUDA)") from None
-        path = bundle_mod.model_file(bundle_dir, manifest, precision)
-        if precision == "fp16" and path.name != bundle_mod.MODEL_FP16:
-            log.warning("the bundle has no %s: running the fp32 model", bundle_mod.MODEL_FP16)
-        available = ort.get_available_providers()
-        providers = [p for p in PREFERRED_PROVIDERS if p in available]
+        manifest, precision, threads = bundle.manifest, options.precision, options.threads
+        path = bundle.model_file(precision)
+        if precision == "fp16" and path.name != MODEL_FP16:
+            log.warning("the bundle has no %s: running the fp32 model", MODEL_FP16)
+        providers = providers_for(options.device, ort.get_available_providers())
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -55,30 +67,29 @@ class OnnxRuntimeBackend(Backend):
         self.device = self.session.get_providers()[0]
         if precision == "fp16" and self.device == "CPUExecutionProvider":
             log.warning("fp16 on the CPU provider is usually slower than fp32: set model.precision: fp32")
-        self.input_name = manifest["input"]["name"]
-        self.output_names = [manifest["outputs"]["score"]["name"], manifest["outputs"]["anomaly_map"]["name"]]
-        self.input_shape = tuple(manifest["input"]["shape"])
+        self.input_name = manifest.input.name
+        self.output_names = [manifest.score.name, manifest.anomaly_map.name]
+        self.input_shape = tuple(manifest.input.shape)
         self._check_graph(path, manifest)
         self.path = path
         log.info("onnxruntime %s: %s on %s (threads %s)", ort.__version__, path.name, self.device,
                  threads or "default")
 
-    def _check_graph(self, path: Path, manifest: dict) -> None:
+    def _check_graph(self, path: Path, manifest: Manifest) -> None:
         """The graph's input and outputs are what the manifest says (names, shapes, float32):
         a bundle whose manifest and model do not belong together is a bundle error."""
         graph = {i.name: ("input", list(i.shape), i.type) for i in self.session.get_inputs()}
         graph.update({o.name: ("output", list(o.shape), o.type) for o in self.session.get_outputs()})
         want = [("input", self.input_name, list(self.input_shape))]
-        want += [("output", manifest["outputs"][k]["name"], list(manifest["outputs"][k]["shape"]))
-                 for k in ("score", "anomaly_map")]
+        want += [("output", o.name, list(o.shape)) for o in (manifest.score, manifest.anomaly_map)]
         for kind, name, shape in want:
             got = graph.get(name)
             if got is None or got[0] != kind:
-                raise bundle_mod.BundleError(f"{path} has no graph {kind} named {name!r} (the manifest says so; the "
-                                             f"graph has {sorted(graph)}): re-export the bundle")
+                raise BundleError(f"{path} has no graph {kind} named {name!r} (the manifest says so; the "
+                                  f"graph has {sorted(graph)}): re-export the bundle")
             if got[1] != shape or got[2] != "tensor(float)":
-                raise bundle_mod.BundleError(f"{path}: graph {kind} {name!r} is {got[2]} {got[1]}, the manifest "
-                                             f"says tensor(float) {shape}: re-export the bundle")
+                raise BundleError(f"{path}: graph {kind} {name!r} is {got[2]} {got[1]}, the manifest "
+                                  f"says tensor(float) {shape}: re-export the bundle")
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         score, amap = self.session.run(self.output_names, {self.input_name: self.check_batch(batch)})

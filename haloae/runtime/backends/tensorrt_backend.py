@@ -1,6 +1,8 @@
-"""TensorRT backend: a cached engine built on this GPU from the bundle's ONNX (lazy imports).
+"""TensorRT backend (priority 30): a cached engine built on this GPU from the bundle's ONNX.
 
-The engine comes from ``haloae.export.trt_engine.get_or_build_engine`` (cache keyed by bundle
+Everything is imported lazily, when the backend is built. The engine comes from
+``haloae.export.trt_engine.get_or_build_engine`` (the engine builder, which needs only tensorrt
+and the standard library) (cache keyed by bundle
 hash, TensorRT version, GPU name and precision; built at first start). Execution uses the API
 common to TensorRT 8.5-10.x: ``deserialize_cuda_engine``, ``create_execution_context``, I/O
 tensors by name (``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode``),
@@ -18,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from . import Backend, BackendUnavailable
+from haloae.bundle import Bundle
+
+from ..base import Backend, BackendUnavailable, RuntimeOptions
+from ..registry import register
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +78,15 @@ def cuda_memory():
     return CudartMemory()
 
 
+@register("tensorrt", priority=30)
 class TensorRTBackend(Backend):
     """Runs a TensorRT engine; ``trt``, ``memory`` and ``engine_path`` can be injected (tests)."""
 
-    name = "tensorrt"
-
-    def __init__(self, bundle_dir: Path, manifest: dict, precision: str = "fp16", cache_dir: Path | None = None,
+    def __init__(self, bundle: Bundle, options: RuntimeOptions = RuntimeOptions(),
                  trt: Any = None, memory: Any = None, engine_path: Path | None = None):
-        from haloae.export import trt_engine
+        from haloae.export import trt_engine  # the builder; imports tensorrt only when called
+
+        manifest, precision = bundle.manifest, options.precision
 
         if trt is None:
             try:
@@ -92,7 +98,7 @@ class TensorRTBackend(Backend):
         self.memory = memory or cuda_memory()
         if engine_path is None:
             try:
-                engine_path = trt_engine.get_or_build_engine(bundle_dir, cache_dir, precision, trt=trt)
+                engine_path = trt_engine.get_or_build_engine(bundle.dir, options.engine_dir, precision, trt=trt)
             except trt_engine.TensorRTUnavailable as exc:
                 raise BackendUnavailable(str(exc)) from None
         logger = trt.Logger(trt.Logger.WARNING)
@@ -101,9 +107,9 @@ class TensorRTBackend(Backend):
         if self.engine is None:
             raise BackendUnavailable(f"TensorRT cannot deserialize {engine_path}; delete it to rebuild")
         self.context = self.engine.create_execution_context()
-        self.input_shape = tuple(manifest["input"]["shape"])
-        self.input_name = manifest["input"]["name"]
-        self.output_names = (manifest["outputs"]["score"]["name"], manifest["outputs"]["anomaly_map"]["name"])
+        self.input_shape = tuple(manifest.input.shape)
+        self.input_name = manifest.input.name
+        self.output_names = (manifest.score.name, manifest.anomaly_map.name)
         self._bind(engine_path)
         self.device = f"{precision} engine {Path(engine_path).name[:12]}"
         log.info("tensorrt %s: engine %s", getattr(trt, "__version__", "?"), engine_path)

@@ -1,8 +1,9 @@
 """Synthetic line images: textured parts with and without defects, with exact masks.
 
 Used by ``haloae-synth`` (training data in MVTec AD layout), by the daemon's ``synthetic``
-camera source and by the demo, so that camera frames look like the training data. numpy and
-OpenCV only: it runs on the edge device. Everything is deterministic for a given seed.
+camera source, the demo and export parity, so that camera frames look like the training data.
+Core (numpy + OpenCV only): every stage may import it, it runs on the edge device. Everything is
+deterministic for a given seed.
 
 The "product" is a brushed, slightly mottled metal plate (fine directional grain, a gentle
 illumination gradient, a few fixed machining marks). Defects:
