@@ -24,8 +24,8 @@ from .config_base import check_credential_name, check_env_name, secret
 from .config_surface import DriftConfig, HomeAssistantConfig, HttpConfig, http_password_problem
 from .sources import AnyCamera, kind_names, split_error_location, with_kind
 from .sources import CameraConfig  # noqa: F401 - the base of every camera kind, for annotations
-from .yaml_file import read_yaml
-from .zones import ZonesError, load_zones
+from haloae.yaml_file import read_yaml
+from haloae.zones import ZonesError, load_zones
 
 EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
 _HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")

@@ -31,7 +31,7 @@ class FrameResult:
     frame: np.ndarray  # RGB uint8 as fed to the model (after ROI crop, before resize)
     latency_ms: dict = field(default_factory=dict)  # {"capture", "queue", "inference", "total"}
     model_id: str = ""
-    zones: object | None = None  # the camera's ZoneSet (edge/zones.py) applied to score and map, else None
+    zones: object | None = None  # the camera's ZoneSet (haloae/zones.py) applied to score and map, else None
 
     @property
     def mask(self) -> np.ndarray:

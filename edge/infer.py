@@ -8,7 +8,7 @@ size), runs the backend (``haloae.runtime``) and hands one :class:`FrameResult` 
 (``Publisher.publish_result``). A frame is anomalous when ``score >= threshold``; the threshold
 is the runtime setting (MQTT ``threshold/set``), else the camera's ``threshold``, else the
 bundle's (0.5 in normalised units). The defect mask is ``anomaly_map >= pixel threshold``. A
-camera's ignore zones (edge/zones.py) are applied to the map and the score first, so the
+camera's ignore zones (haloae/zones.py) are applied to the map and the score first, so the
 verdict, the alarm and the regions never see anomalies inside them.
 
 A frame whose score or map is not finite (NaN / inf from a broken model or GPU) is not an
@@ -38,7 +38,7 @@ from .config import CameraConfig
 from .frames import FrameResult
 from .ipc import Frame, LatestFrames
 from .stats import Stats
-from .zones import Reduction, ZoneSet, ZonesError, reduction_from_model_config
+from haloae.zones import Reduction, ZoneSet, ZonesError, reduction_from_model_config
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from haloae.runtime import Backend, load_backend
 
 from .config import ConfigError, EdgeConfig
 from .infer import bundle_thresholds, check_zones
-from .zones import ZonesError
+from haloae.zones import ZonesError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from haloae import bundle as bundle_mod
-from haloae.export import trt_engine
+from haloae.runtime import trt_engine
 from haloae.manifest import Manifest
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2

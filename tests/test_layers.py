@@ -2,8 +2,9 @@
 
 ``haloae`` core (``haloae/*.py``, ``haloae/runtime/``) imports no stage; ``edge`` imports
 neither ``train`` nor ``export`` nor torch; ``train`` and ``export`` do not import ``edge``. The
-one exception: the torch backend (``edge/backends/torch_backend.py`` or
-``haloae/runtime/torch*.py``) runs a training checkpoint, so it imports torch and the model code. Every import counts: module level, inside functions (lazy), under
+exceptions: the torch backend (``haloae/runtime/backends/torch_backend.py``) runs a training
+checkpoint, so it imports torch and the model code; the orchestrators ``haloae/demo.py`` and
+``haloae/readme_image.py`` drive every stage, and no module imports them. Every import counts: module level, inside functions (lazy), under
 ``TYPE_CHECKING``, relative (``from ..train import x``) and ``importlib.import_module("...")``
 with a literal name. docs/architecture.md describes the layers.
 """
@@ -85,35 +86,22 @@ class Rule:
 
 
 # the torch backend runs a training checkpoint: it alone may import torch and the model code
-TORCH_BACKENDS = tuple((f, m) for f in ("edge/backends/torch_backend.py", "haloae/runtime/torch*.py")
+TORCH_BACKENDS = tuple((f, m) for f in ("haloae/runtime/backends/torch_backend.py",)
                        for m in ("torch", "haloae.train"))
+# the orchestrators run the whole pipeline (the demo trains, exports and starts the daemon)
+ORCHESTRATORS = tuple((f, m) for f in ("haloae/demo.py", "haloae/readme_image.py") for m in STAGES)
 RULES = {
-    "core imports no stage": Rule("core", ("haloae/*.py", "haloae/runtime/**/*.py"), STAGES, TORCH_BACKENDS),
+    "core imports no stage": Rule("core", ("haloae/*.py", "haloae/runtime/**/*.py"), STAGES,
+                                  TORCH_BACKENDS + ORCHESTRATORS),
     "edge imports neither train nor export nor torch (outside the torch backend)": Rule(
         "edge", ("edge/**/*.py",), ("haloae.train", "haloae.export", "torch"), TORCH_BACKENDS),
     "train does not import edge": Rule("train", ("train/**/*.py",), ("haloae.edge",)),
     "export does not import edge": Rule("export", ("export/**/*.py",), ("haloae.edge",)),
 }
-# Rules today's tree still breaks; the engineers removing the imports un-xfail them (strict:
-# a rule that starts to hold fails here until its mark is removed).
-XFAIL = {
-    "core imports no stage": "haloae/demo.py imports haloae.train and haloae.edge.synthetic, haloae/readme_image.py "
-                             "imports haloae.edge.synthetic (the synthetic generator moves to the core)",
-    "edge imports neither train nor export nor torch (outside the torch backend)":
-        "edge/__main__.py, app.py, infer.py, model_swap.py, reload.py and backends/{onnxruntime_backend,select,"
-        "tensorrt_backend}.py import haloae.export (bundle manifest and verification move to the core)",
-    "train does not import edge": "train/synth.py (synthetic generator), train/evaluate.py and train/eval_cli.py "
-                                  "(ignore zones) import haloae.edge",
-    "export does not import edge": "export/parity.py imports haloae.edge (backends, preprocessing)",
-}
+# Every rule holds: a rule the tree breaks fails with its offenders listed.
 
 
-def _param(title: str):
-    marks = [pytest.mark.xfail(strict=True, reason=XFAIL[title])] if title in XFAIL else []
-    return pytest.param(title, marks=marks, id=RULES[title].name)
-
-
-@pytest.mark.parametrize("title", [_param(t) for t in RULES])
+@pytest.mark.parametrize("title", [pytest.param(t, id=RULES[t].name) for t in RULES])
 def test_layer_rule(title):
     rule = RULES[title]
     assert rule.files(), f"rule {rule.name!r} covers no file: fix its globs"
@@ -130,12 +118,12 @@ from . import zones
 from .sources import v4l2
 import importlib
 def lazy():
-    from haloae.edge.zones import load_zones
+    from haloae.zones import load_zones
     importlib.import_module("haloae.train.cli")
 """
     names = {n for _, n in imports(src, "haloae.edge.config")}
-    assert {"torch.nn", "haloae.train", "haloae.train.loop", "haloae.export", "haloae.edge.zones",
-            "haloae.edge.sources.v4l2", "haloae.edge.zones.load_zones", "haloae.train.cli"} <= names
+    assert {"torch.nn", "haloae.train", "haloae.train.loop", "haloae.export", "haloae.zones",
+            "haloae.edge.sources.v4l2", "haloae.zones.load_zones", "haloae.train.cli"} <= names
     assert {n for _, n in imports("from . import base", "haloae.edge.sources", is_package=True)} >= {
         "haloae.edge.sources.base"}
     assert module_name(Path("edge/sources/__init__.py")) == "haloae.edge.sources"

@@ -92,7 +92,7 @@ def _check_source(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from haloae.edge.zones import load_zones
+    from haloae.zones import load_zones
 
     from . import evaluate, report
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from haloae.edge.zones import IgnoreZones, ZoneSet, reduction_from_model_config
+from haloae.zones import IgnoreZones, ZoneSet, reduction_from_model_config
 
 from haloae.manifest import THRESHOLD_TARGET
 from haloae.preprocess import to_model_input
@@ -160,7 +160,7 @@ def score_dataset(scorer: Scorer, data: Path | list[Sample], progress: bool = Tr
                   zones: IgnoreZones | None = None) -> ScoredSet:
     """Score every labelled image of ``data`` (a folder in a `data.find_eval_samples` layout,
     or its samples) with ``scorer``; ``zones`` (in image pixels) are applied to each map and
-    score as the edge daemon does (``haloae.edge.zones``)."""
+    score as the edge daemon does (``haloae.zones``)."""
     zone_set = ZoneSet(zones, "--ignore-zones") if zones is not None else None
     reduction = reduction_from_model_config(scorer.model_config) if zones is not None else None
     samples = find_checked_samples(data) if isinstance(data, (str, Path)) else list(data)

@@ -21,7 +21,7 @@ from pydantic import Field, StrictInt, field_validator
 from haloae.validate import check_identifier, check_threshold, mqtt_text_problem
 
 from ..config_base import Strict
-from ..zones import IgnoreZones, ZonesError, parse_zones
+from haloae.zones import IgnoreZones, ZonesError, parse_zones
 
 Roi = Annotated[tuple[StrictInt, ...], Field(strict=False)]
 

@@ -16,7 +16,7 @@ from toy_bundle import BRIGHT, MID, make_toy_bundle
 from haloae.edge.app import EdgeApp
 from haloae.edge.config import ConfigError, load_config
 from haloae.edge.infer import check_zones
-from haloae.edge.zones import Reduction, ZoneSet, ZonesError, load_zones, parse_zones, reduction_from_model_config
+from haloae.zones import Reduction, ZoneSet, ZonesError, load_zones, parse_zones, reduction_from_model_config
 from haloae.manifest import Manifest
 from haloae.train import eval_cli, evaluate
 

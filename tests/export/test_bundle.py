@@ -125,7 +125,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_bundle_module_is_stdlib_only():
-    code = ("import sys, haloae.bundle, haloae.manifest, haloae.export.trt_engine; "
+    code = ("import sys, haloae.bundle, haloae.manifest, haloae.runtime.trt_engine; "
             "bad = [m for m in ('numpy', 'torch', 'onnx', 'onnxruntime', 'tensorrt') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

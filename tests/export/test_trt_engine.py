@@ -15,7 +15,7 @@ import pytest
 
 from haloae import bundle as B
 from haloae.manifest import Manifest, read_manifest
-from haloae.export import trt_engine as E
+from haloae.runtime import trt_engine as E
 
 
 def _bundle(folder, payload=b"onnx bytes"):

@@ -1,7 +1,7 @@
 """TensorRT backend (priority 30): a cached engine built on this GPU from the bundle's ONNX.
 
 Everything is imported lazily, when the backend is built. The engine comes from
-``haloae.export.trt_engine.get_or_build_engine`` (the engine builder, which needs only tensorrt
+``haloae.runtime.trt_engine.get_or_build_engine`` (the engine builder, which needs only tensorrt
 and the standard library) (cache keyed by bundle
 hash, TensorRT version, GPU name and precision; built at first start). Execution uses the API
 common to TensorRT 8.5-10.x: ``deserialize_cuda_engine``, ``create_execution_context``, I/O
@@ -84,7 +84,7 @@ class TensorRTBackend(Backend):
 
     def __init__(self, bundle: Bundle, options: RuntimeOptions = RuntimeOptions(),
                  trt: Any = None, memory: Any = None, engine_path: Path | None = None):
-        from haloae.export import trt_engine  # the builder; imports tensorrt only when called
+        from haloae.runtime import trt_engine  # the builder; imports tensorrt only when called
 
         manifest, precision = bundle.manifest, options.precision
 
