@@ -17,17 +17,16 @@ from typing import Annotated, Literal
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
 from haloae.validate import check_client_id, check_identifier, check_prefix, check_threshold, mqtt_text_problem
+from haloae.yaml_file import read_yaml
 
 from .config_base import Strict as _Strict
-from .config_base import check_credential_name, check_env_name, secret
+from .config_base import check_credential_name, check_env_name, format_error, secret
 from .config_surface import DriftConfig, HomeAssistantConfig, HttpConfig, http_password_problem
-from .yaml_file import read_yaml
 from .zones import IgnoreZones, ZonesError, load_zones, parse_zones
 
 EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
 _HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
 Roi = Annotated[tuple[StrictInt, ...], Field(strict=False)]
-_NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
 class ConfigError(ValueError):
@@ -283,20 +282,7 @@ def inside_dir(root: Path, path: Path) -> Path:
 
 
 def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (check its spelling; see configs/edge/*.yaml for the keys)"
-    elif first["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    elif first["type"] != "missing" and "input" in first:
-        shown = repr(first["input"])
-        msg = f"{msg}, got {shown if len(shown) <= 40 else shown[:40] + '...'}"
-        if isinstance(first["input"], str) and _NUMBER_TEXT.fullmatch(first["input"]):
-            msg += " (text, not a number: drop the quotes; YAML reads 1e5 as text, write 1.0e+5)"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {msg}{more}"
+    return format_error(err, EdgeConfig, unknown_hint="see configs/edge/*.yaml for the keys")
 
 
 def parse_config(data: dict, base_dir: Path | None = None) -> EdgeConfig:
