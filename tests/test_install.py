@@ -22,7 +22,7 @@ import yaml
 
 from conftest import REPO
 
-SOURCES = ("pyproject.toml", "README.md", "haloae", "train", "export", "edge", "configs")
+SOURCES = ("pyproject.toml", "README.md", "haloae", "train", "export", "edge", "configs", "systemd")
 
 
 def _run(*args: str, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
