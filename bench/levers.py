@@ -33,7 +33,6 @@ configs/model/edge.yaml.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -159,7 +158,7 @@ def study(args) -> int:
         m, s = e_ho.mean(0, keepdim=True), e_ho.std(0, keepdim=True)
         return (e_te - m) / s.clamp_min(0.1 * float(s.mean()))
 
-    mse_cfg = dataclasses.replace(cfg.map, error="mse")
+    mse_cfg = cfg.map.model_copy(update={"error": "mse"})
     mse = lambda f, r: error_map(f, f - r, mse_cfg)  # noqa: E731
     _evaluate("mse", mse(te, r_te), test, cfg, rows)
     _evaluate("mse+pos", posnorm(mse(ho, r_ho), mse(te, r_te)), test, cfg, rows)

@@ -20,7 +20,7 @@ from haloae import runtime
 from haloae.validate import check_client_id, check_identifier, check_prefix, mqtt_text_problem
 
 from .config_base import Strict as _Strict
-from .config_base import check_credential_name, check_env_name, secret
+from .config_base import check_credential_name, check_env_name, format_error, secret
 from .config_surface import DriftConfig, HomeAssistantConfig, HttpConfig, http_password_problem
 from .sources import AnyCamera, kind_names, split_error_location, with_kind
 from .sources import CameraConfig  # noqa: F401 - the base of every camera kind, for annotations
@@ -29,7 +29,6 @@ from haloae.zones import ZonesError, load_zones
 
 EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
 _HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
-_NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
 class ConfigError(ValueError):
@@ -229,25 +228,20 @@ def inside_dir(root: Path, path: Path) -> Path:
 
 
 def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc, kind = split_error_location(first["loc"])
-    where = ".".join(str(p) for p in loc) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = (f"unknown key{f' for a {kind} camera' if kind else ''} (check its spelling; see "
-               "configs/edge/*.yaml for the keys)")
-    elif first["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        where += ".kind"
-        msg = f"unknown camera kind {first.get('ctx', {}).get('tag', '')!r}: use one of {', '.join(kind_names())}"
-    elif first["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    elif first["type"] != "missing" and "input" in first:
-        shown = repr(first["input"])
-        msg = f"{msg}, got {shown if len(shown) <= 40 else shown[:40] + '...'}"
-        if isinstance(first["input"], str) and _NUMBER_TEXT.fullmatch(first["input"]):
-            msg += " (text, not a number: drop the quotes; YAML reads 1e5 as text, write 1.0e+5)"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {msg}{more}"
+    return format_error(err, EdgeConfig, unknown_hint="see configs/edge/*.yaml for the keys",
+                        locate=_camera_location)
+
+
+def _camera_location(first: dict, loc: list) -> tuple[list, str | None]:
+    """Camera errors: the key path without the union's kind tag, and the kind-aware wording."""
+    path, kind = split_error_location(tuple(loc))
+    if first["type"] == "extra_forbidden" and kind:
+        return list(path), (f"unknown key for a {kind} camera (check its spelling; see "
+                            "configs/edge/*.yaml for the keys)")
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return [*path, "kind"], (f"unknown camera kind {first.get('ctx', {}).get('tag', '')!r}: "
+                                 f"use one of {', '.join(kind_names())}")
+    return list(path), None
 
 
 def parse_config(data: dict, base_dir: Path | None = None) -> EdgeConfig:

@@ -1,4 +1,6 @@
-"""The base of every daemon config section: unknown keys refused, no type juggling."""
+"""What every daemon config section shares: the strict base and error line from core
+(`haloae.config_base`: the same for model, training and daemon configs) and the daemon's
+secret lookups (environment or systemd credentials, never the YAML)."""
 
 from __future__ import annotations
 
@@ -6,16 +8,11 @@ import os
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from haloae.config_base import Strict, format_error
+
+__all__ = ["Strict", "format_error", "secret", "check_env_name", "check_credential_name"]
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-
-
-class Strict(BaseModel):
-    """Unknown keys refused; no type juggling (``"5"`` is not a number, ``true`` not 1, ``"1_0"`` not
-    10); no NaN or infinity anywhere."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 def secret(env: str, credential: str) -> str | None:

@@ -2,7 +2,7 @@
 
 Steps (each reused when its output exists, so a second run takes seconds):
 1. ``haloae-synth``: a synthetic line data set (good parts for training, defects for testing);
-2. ``haloae-train``: the ``edge`` model, briefly (``configs/train/synthetic-edge.yaml``);
+2. ``haloae-train``: the ``edge`` model, briefly (the shipped training config ``synthetic-edge``);
 3. ``haloae-export --fp16``: the deployable bundle;
 4. an MQTT broker: the one given with ``--broker`` if reachable, else mosquitto on a free
    port, else an embedded pure-Python broker (amqtt);
@@ -29,11 +29,10 @@ import numpy as np
 
 from .manifest import MANIFEST
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_TRAIN_IMAGES = 800
 BIN = Path(sys.executable).parent
 EPILOG = """examples:
-  haloae-demo                         # everything, in .haloae-demo/
+  haloae-demo                         # everything, in ./.haloae-demo/
   haloae-demo --frames 240            # a longer line video
   haloae-demo --broker 192.0.2.10:1883   # publish to your own broker
   haloae-demo --retrain               # train again instead of reusing the model
@@ -45,7 +44,7 @@ def step(n: int, text: str) -> None:
 
 
 def run(*args: str, env: dict | None = None) -> None:
-    proc = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=REPO)
+    proc = subprocess.run([str(BIN / args[0]), *args[1:]], env=env)
     if proc.returncode != 0:
         sys.exit(f"haloae-demo: `{' '.join(args)}` failed with exit code {proc.returncode}")
 
@@ -212,7 +211,7 @@ def _near_defect(frame_id: int, truth: list[bool], slack: int = 5) -> bool:
     return any(truth[i] for i in range(max(frame_id - slack, 0), min(frame_id + 1, len(truth))))
 
 
-def _same_training(run_dir: Path, train_config: Path) -> bool:
+def _same_training(run_dir: Path, train_config: str) -> bool:
     """Whether ``run_dir`` holds a loadable model trained with this config (else: train again)."""
     import yaml
 
@@ -236,10 +235,10 @@ def prepare_bundle(wd: Path, args: argparse.Namespace, env: dict) -> Path:
         print(f"  reusing {data}")
     else:
         shutil.rmtree(data, ignore_errors=True)  # an older, smaller demo set
-        # 800 good parts: 200 to train on, 600 held out to calibrate (configs/train/synthetic-edge.yaml)
+        # 800 good parts: 200 to train on, 600 held out to calibrate (training config synthetic-edge)
         run("haloae-synth", "--out", str(data), "--seed", "0", "--train", str(DEMO_TRAIN_IMAGES), env=env)
 
-    step(2, f"training the model ({args.train_config.name})")
+    step(2, f"training the model (training config {args.train_config})")
     run_dir = wd / "run"
     ckpt = run_dir / "final.pt"
     if ckpt.is_file() and not args.retrain and _same_training(run_dir, args.train_config):
@@ -247,7 +246,7 @@ def prepare_bundle(wd: Path, args: argparse.Namespace, env: dict) -> Path:
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a half-finished earlier run: start afresh
-        run("haloae-train", "--config", str(args.train_config), "--data", str(data), "--out", str(run_dir),
+        run("haloae-train", "--config", args.train_config, "--data", str(data), "--out", str(run_dir),
             "--threads", str(args.threads), env=env)
 
     step(3, "exporting the deployable bundle (ONNX fp32 + fp16)")
@@ -263,10 +262,12 @@ def prepare_bundle(wd: Path, args: argparse.Namespace, env: dict) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="haloae-demo", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=REPO / ".haloae-demo", help="where everything is written")
+    parser.add_argument("--workdir", type=Path, default=Path(".haloae-demo"),
+                        help="where everything is written (default ./.haloae-demo)")
     parser.add_argument("--frames", type=int, default=96, help="frames in the line video (default 96)")
     parser.add_argument("--broker", help="HOST:PORT of an MQTT broker to use instead of starting one")
-    parser.add_argument("--train-config", type=Path, default=REPO / "configs/train/synthetic-edge.yaml")
+    parser.add_argument("--train-config", default="synthetic-edge",
+                        help="training config: a shipped name or a YAML path (default synthetic-edge)")
     parser.add_argument("--retrain", action="store_true", help="train again even if a model exists")
     parser.add_argument("--bundle", type=Path, help="use this exported bundle (skips steps 1-3)")
     parser.add_argument("--threshold", type=float, help="image threshold of the camera (default: the bundle's, 0.5)")

@@ -3,14 +3,19 @@
 PyYAML's ``safe_load`` takes the last of two equal keys without a word and decodes whatever
 bytes it gets; a config that says ``threshold`` twice, or one with a stray Latin-1 byte, must
 be refused instead, with one line saying where. :func:`read_yaml` raises ``ValueError`` with
-that line (``edge/config.py`` turns it into a ``ConfigError``).
+that line; each config loader (model, training run, edge daemon, ignore zones) turns it into
+its ``ConfigError``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -37,11 +42,11 @@ def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = Fals
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def read_yaml(path: Path) -> object:
-    """The YAML document in ``path``; ValueError with one line for an unreadable, non-UTF-8,
-    invalid or ambiguous file."""
+def read_yaml(path: Path | Traversable) -> object:
+    """The YAML document in ``path`` (a file, or a packaged config from ``importlib.resources``);
+    ValueError with one line for an unreadable, non-UTF-8, invalid or ambiguous file."""
     try:
-        raw = Path(path).read_bytes()
+        raw = (path if hasattr(path, "read_bytes") else Path(path)).read_bytes()
     except OSError as err:
         raise ValueError(f"cannot read config {path}: {err.strerror}") from None
     try:

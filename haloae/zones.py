@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from .yaml_file import read_yaml
+from haloae.config_base import format_error
+from haloae.yaml_file import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +205,7 @@ class ZoneSet:
 
 
 def _format(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (the keys are size, border_px, polygons)"
-    elif first["type"] not in ("missing", "value_error") and "input" in first:
-        msg = f"{msg}, got {first['input']!r}"[:200]
-    return f"{where}: {msg}" if where else msg
+    return format_error(err, IgnoreZones, unknown_hint="the keys are size, border_px, polygons")
 
 
 def parse_zones(data: object, where: str = "ignore zones") -> IgnoreZones:

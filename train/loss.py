@@ -11,42 +11,19 @@ run gets the whole curve), normalised to sum to 1:
     w_i(p) = end_i + (start_i - end_i) / (1 + exp(steep_i * (p - mid_i)))
     a_i(p) = w_i(p) / sum_j w_j(p)
 
-The defaults are the reference implementation's curves for its 250 epochs rewritten in
-progress units (``mid = c / (2 * 250)``, ``steep = d * 250``): the classifier dominates early,
-feature reconstruction in the middle, image reconstruction at the end.
+The curves and their defaults (the reference implementation's, in progress units) are defined
+once, in `train_config` (`LogisticCurve`, `DEFAULT_CURVES`); a run's are ``TrainCfg.loss``.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass
-class LogisticCurve:
-    """One inverse-logistic weight curve of the progress p in [0, 1]."""
-
-    start: float  # raw weight at p -> -inf (about the value at p = 0)
-    end: float  # raw weight at p -> +inf (about the value at p = 1)
-    mid: float  # progress of the half-way point
-    steep: float  # steepness (per unit of progress)
-
-    def __call__(self, p: float) -> float:
-        z = max(min(self.steep * (p - self.mid), 60.0), -60.0)  # no overflow
-        return self.end + (self.start - self.end) / (1.0 + math.exp(z))
-
-
-def default_curves() -> dict[str, LogisticCurve]:
-    """The reference curves (a1 CE, a2 features, a3 image) in progress units."""
-    return {"ce": LogisticCurve(1.0, 0.4, 0.16, 17.5),
-            "feat": LogisticCurve(0.0, 1.2, 0.30, 12.5),
-            "img": LogisticCurve(0.0, 2.0, 0.60, 12.5)}
-
-
-def loss_weights(p: float, curves: dict[str, LogisticCurve],
+def loss_weights(p: float, curves: Mapping[str, Callable[[float], float]],
                  enabled: tuple[str, ...] = ("ce", "feat", "img")) -> dict[str, float]:
     """Normalised weights {term: a} at progress ``p`` (clipped to [0, 1]) over the enabled
     terms; a disabled term (no classifier / no image decoder) gets 0."""

@@ -1,167 +1,154 @@
-"""Training-run configuration (``configs/train/*.yaml``): dataclasses loaded from YAML.
+"""Training-run configuration (``configs/train/*.yaml``): pydantic schemas loaded from YAML.
 
 Unknown keys and wrongly typed values raise `ConfigError` naming the key path
-(e.g. ``loss.ce.steep``). The model architecture is a separate model config
-(``configs/model/<name>.yaml``) that ``model`` names. See docs/training.md.
+(e.g. ``loss.ce.steep``) when the file is read. The model architecture is a separate model
+config (``configs/model/<name>.yaml``) that ``model`` names. A training config is a YAML path
+or the name of a shipped one (``tiny``, ``mtd-edge``, ``synthetic-edge``). See docs/training.md.
+
+The loss-weight curves are defined here once (`LogisticCurve`, `DEFAULT_CURVES`): the paper's
+adaptive weights a1..a3 that `loss.loss_weights` normalises.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import dataclass, field
+import math
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
+from pydantic import Field, field_validator
 
-from .config import ConfigError, ModelCfg, load_model_config
-from .loss import LogisticCurve, default_curves
+from haloae import named_configs
+from haloae.yaml_file import read_yaml
+
+from .config import Cfg, ConfigError, ModelCfg, load_model_config
+
+# The reference implementation's curves for its 250 epochs in progress units
+# (mid = c / (2 * 250), steep = d * 250): the classifier dominates early, feature
+# reconstruction in the middle, image reconstruction at the end.
+DEFAULT_CURVES: dict[str, dict[str, float]] = {
+    "ce": {"start": 1.0, "end": 0.4, "mid": 0.16, "steep": 17.5},    # a1: Cut&Paste cross-entropy
+    "feat": {"start": 0.0, "end": 1.2, "mid": 0.30, "steep": 12.5},  # a2: feature MSE + 1 - SSIM
+    "img": {"start": 0.0, "end": 2.0, "mid": 0.60, "steep": 12.5},   # a3: image MSE + 1 - SSIM
+}
 
 
-@dataclass
-class AugmentCfg:
+class LogisticCurve(Cfg):
+    """One inverse-logistic loss-weight curve of the progress p in [0, 1]:
+    w(p) = end + (start - end) / (1 + exp(steep (p - mid)))."""
+
+    start: float = Field(description="raw weight at p -> -inf (about the value at p = 0)")
+    end: float = Field(description="raw weight at p -> +inf (about the value at p = 1)")
+    mid: float = Field(description="progress (0..1) of the half-way point")
+    steep: float = Field(description="steepness (per unit of progress)")
+
+    def __call__(self, p: float) -> float:
+        z = max(min(self.steep * (p - self.mid), 60.0), -60.0)  # no overflow
+        return self.end + (self.start - self.end) / (1.0 + math.exp(z))
+
+
+def default_curves() -> dict[str, LogisticCurve]:
+    """The reference curves (a1 ce, a2 feat, a3 img) in progress units."""
+    return {k: LogisticCurve(**v) for k, v in DEFAULT_CURVES.items()}
+
+
+class AugmentCfg(Cfg):
     """Cut&Paste self-supervision (Block E labels) applied to training inputs."""
 
-    p_cutpaste: float = 1 / 3  # probability that an image gets a cut-paste patch (label 1)
-    p_scar: float = 1 / 3  # probability of a scar (label 2); the rest stay normal (label 0)
-    jitter: float = 0.1  # brightness / contrast / saturation jitter of pasted patches
-    denoise: bool = True  # reconstruct the CLEAN features / image from augmented inputs
+    p_cutpaste: float = Field(1 / 3, ge=0, le=1, description="probability that an image gets a cut-paste "
+                                                             "patch (label 1)")
+    p_scar: float = Field(1 / 3, ge=0, le=1, description="probability of a scar (label 2); the rest stay "
+                                                         "normal (label 0)")
+    jitter: float = Field(0.1, ge=0, description="brightness / contrast / saturation jitter of pasted patches")
+    denoise: bool = Field(True, description="reconstruct the CLEAN features / image from augmented inputs")
 
 
-@dataclass
-class CurveCfg:
-    """One inverse-logistic loss-weight curve: w(p) = end + (start - end) / (1 + exp(steep (p - mid)))."""
+class LossCfg(Cfg):
+    """Loss weights a1 (ce), a2 (feat), a3 (img) as curves of training progress. A curve given in
+    part (``ce: {steep: 5}``) keeps the default of its other keys."""
 
-    start: float = 1.0
-    end: float = 1.0
-    mid: float = 0.5  # progress (0..1) of the half-way point
-    steep: float = 10.0
+    ce: LogisticCurve = Field(default_factory=lambda: default_curves()["ce"],
+                              description="a1: Cut&Paste cross-entropy")
+    feat: LogisticCurve = Field(default_factory=lambda: default_curves()["feat"],
+                                description="a2: feature MSE + 1 - SSIM")
+    img: LogisticCurve = Field(default_factory=lambda: default_curves()["img"],
+                               description="a3: image MSE + 1 - SSIM")
+    feat_ssim_range: float = Field(1.0, gt=0, description="SSIM data range for feature maps (sets its C1, C2)")
 
-    def curve(self) -> LogisticCurve:
-        return LogisticCurve(self.start, self.end, self.mid, self.steep)
-
-
-def _curve(name: str) -> CurveCfg:
-    c = default_curves()[name]
-    return CurveCfg(c.start, c.end, c.mid, c.steep)
-
-
-@dataclass
-class LossCfg:
-    """Loss weights a1 (ce), a2 (feat), a3 (img) as curves of training progress."""
-
-    ce: CurveCfg = field(default_factory=lambda: _curve("ce"))  # a1: Cut&Paste cross-entropy
-    feat: CurveCfg = field(default_factory=lambda: _curve("feat"))  # a2: feature MSE + 1 - SSIM
-    img: CurveCfg = field(default_factory=lambda: _curve("img"))  # a3: image MSE + 1 - SSIM
-    feat_ssim_range: float = 1.0  # SSIM data range for feature maps (sets its C1, C2)
+    @field_validator("ce", "feat", "img", mode="before")
+    @classmethod
+    def _over_default(cls, v: Any, info) -> Any:
+        return {**DEFAULT_CURVES[info.field_name], **v} if isinstance(v, dict) else v
 
     def curves(self) -> dict[str, LogisticCurve]:
-        return {"ce": self.ce.curve(), "feat": self.feat.curve(), "img": self.img.curve()}
+        return {"ce": self.ce, "feat": self.feat, "img": self.img}
 
 
-@dataclass
-class TrainCfg:
+class TrainCfg(Cfg):
     """One training run."""
 
-    model: str = "edge"  # model config: a name in configs/model or a YAML path (relative to this file or cwd)
-    model_overrides: dict = field(default_factory=dict)  # keys of the model config to change for this run, e.g. {image_decoder_widths: [48, 24, 12]}
-    epochs: int = 30
-    batch_size: int = 8
-    repeat: int = 1  # passes over the training images per epoch (small data sets)
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    weight_decay: float = 1e-5
-    warmup_steps: int = 20  # linear warm-up, then cosine decay to lr * min_lr_ratio
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 5.0  # max gradient norm; 0 = off
+    model: str = Field("edge", description="model config: a shipped name (edge, tiny, paper) or a YAML path "
+                                           "(relative to this file or the working directory)")
+    model_overrides: dict = Field(default_factory=dict,
+                                  description="keys of the model config to change for this run, e.g. "
+                                              "{image_decoder_widths: [48, 24, 12]}")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=2, description="use 2 or more (BatchNorm)")
+    repeat: int = Field(1, ge=1, description="passes over the training images per epoch (small data sets)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up, then cosine decay to lr * min_lr_ratio")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    grad_clip: float = Field(5.0, ge=0, description="max gradient norm; 0 = off")
     seed: int = 0
-    holdout_fraction: float = 0.1  # of the good training images, kept for calibration
-    image_quantile: float = 0.99  # image threshold = this quantile of held-out normal scores
-    pixel_quantile: float = 0.999  # pixel threshold = this quantile of held-out map pixels
-    augment: AugmentCfg = field(default_factory=AugmentCfg)
-    loss: LossCfg = field(default_factory=LossCfg)
-    checkpoint_every: int = 1  # epochs between resumable RUN_DIR/last.pt writes
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    num_workers: int = 0  # image-loading worker processes (calibration)
-    cache_features: bool = True  # compute clean-image backbone features once, not every step
-    cache_max_gb: float = 4.0  # above this the cache is skipped (features recomputed)
-    amp: bool = True  # fp16 autocast + GradScaler on CUDA (ignored on CPU)
-    calib_batch_size: int = 8
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="of the good training images, kept for "
+                                                                 "calibration")
+    image_quantile: float = Field(0.99, gt=0, le=1, description="image threshold = this quantile of held-out "
+                                                                "normal scores")
+    pixel_quantile: float = Field(0.999, gt=0, le=1, description="pixel threshold = this quantile of held-out "
+                                                                 "map pixels")
+    augment: AugmentCfg = Field(default_factory=AugmentCfg)
+    loss: LossCfg = Field(default_factory=LossCfg)
+    checkpoint_every: int = Field(1, ge=1, description="epochs between resumable RUN_DIR/last.pt writes")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    num_workers: int = Field(0, ge=0, description="image-loading worker processes (calibration)")
+    cache_features: bool = Field(True, description="compute clean-image backbone features once, not every step")
+    cache_max_gb: float = Field(4.0, ge=0, description="above this the cache is skipped (features recomputed)")
+    amp: bool = Field(True, description="fp16 autocast + GradScaler on CUDA (ignored on CPU)")
+    calib_batch_size: int = Field(8, ge=1)
+
+    def model_post_init(self, context: Any) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        checks = [("epochs", self.epochs >= 1, "use 1 or more"),
-                  ("batch_size", self.batch_size >= 2, "use 2 or more (BatchNorm)"),
-                  ("repeat", self.repeat >= 1, "use 1 or more"),
-                  ("lr", self.lr > 0, "use a positive learning rate"),
-                  ("holdout_fraction", 0 <= self.holdout_fraction < 1, "use 0 <= f < 1"),
-                  ("image_quantile", 0 < self.image_quantile <= 1, "use a quantile in (0, 1]"),
-                  ("pixel_quantile", 0 < self.pixel_quantile <= 1, "use a quantile in (0, 1]"),
-                  ("checkpoint_every", self.checkpoint_every >= 1, "use 1 or more"),
-                  ("threads", self.threads >= 0, "use 0 (default) or more"),
-                  ("augment.p_cutpaste + augment.p_scar",
-                   self.augment.p_cutpaste >= 0 and self.augment.p_scar >= 0
-                   and self.augment.p_cutpaste + self.augment.p_scar <= 1,
-                   "use probabilities >= 0 with a sum <= 1")]
-        for key, ok, hint in checks:
-            if not ok:
-                raise ConfigError(f"train config: {key} has an invalid value: {hint}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Raise `ConfigError` when values do not fit together (each value alone is checked by
+        the schema, at construction and at every assignment)."""
+        a = self.augment
+        if a.p_cutpaste + a.p_scar > 1:
+            raise ConfigError(f"augment.p_cutpaste + augment.p_scar = {a.p_cutpaste + a.p_scar:g}: "
+                              "use probabilities with a sum <= 1")
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string",
-               dict: "a mapping"}
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    origin = typing.get_origin(typ)
-    if origin is Union:  # Optional[...]
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
-    if dataclasses.is_dataclass(typ):
-        return from_dict(typ, value, key)
-    ok = (isinstance(value, typ) and not (typ is int and isinstance(value, bool))) or \
-        (typ is float and isinstance(value, int) and not isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"train config: {key} must be {_TYPE_NAMES.get(typ, typ)}, "
-                          f"got {value!r}")
-    return float(value) if typ is float else value
-
-
-def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys name their key path."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"train config: {path or 'the file'} must be a mapping, got "
-                          f"{type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            raise ConfigError(f"train config: unknown key '{full}'; valid keys"
-                              f"{' in ' + path if path else ''}: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def load_train_config(path: Union[str, Path]) -> TrainCfg:
-    """Read and validate a training config YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"train config {path} not found; see configs/train/ for examples")
+def load_train_config(path_or_name: Union[str, Path]) -> TrainCfg:
+    """Read and validate a training config: a YAML path or a shipped name (``tiny``)."""
+    source = named_configs.resolve("train", path_or_name)
+    if source is None:
+        raise ConfigError(f"train config {str(path_or_name)!r} not found: pass a YAML path or one of "
+                          f"{named_configs.names('train')}")
+    where = source if isinstance(source, Path) else f"train config {str(path_or_name)!r}"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        data = read_yaml(source)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
-        cfg = from_dict(TrainCfg, data)
-        cfg.validate()
+        cfg = TrainCfg.from_dict({} if data is None else data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from None
     model = Path(cfg.model)
-    if not model.is_absolute() and (path.parent / model).is_file():
-        cfg.model = str(path.parent / model)
+    if isinstance(source, Path) and not model.is_absolute() and (source.parent / model).is_file():
+        cfg.model = str(source.parent / model)
+    try:
+        resolve_model_config(cfg)  # the model it names loads: a typo fails now, not after a run
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return cfg
 
 
@@ -180,5 +167,5 @@ def resolve_model_config(cfg: TrainCfg) -> ModelCfg:
     try:
         return ModelCfg.from_dict(_merge(model.to_dict(), cfg.model_overrides))
     except ConfigError as exc:
-        raise ConfigError(f"train config: model_overrides: {exc}") from exc
+        raise ConfigError(f"model_overrides: {exc}") from None
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
+from haloae.errors import UserError
 from haloae.train.anomaly_map import error_map, image_score, smooth, upsample
 from haloae.train.backbones import BackboneWeightsError, VGG19Features
-from haloae.train.config import ConfigError, MapCfg, ModelCfg, load_model_config
+from haloae.train.config import ConfigError, MapCfg, ModelCfg, available_model_configs, load_model_config
 from haloae.train.fit_stats import fit_gaussian, fit_standardization
 from haloae.train.inference import HaloAEInference, raw_outputs
 from haloae.train.torch_model import create_model
@@ -120,7 +122,6 @@ def test_config_round_trip(name):
     cfg = load_model_config(name)
     assert cfg.name == name
     assert ModelCfg.from_dict(cfg.to_dict()) == cfg
-    import yaml
     assert ModelCfg.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
 
 
@@ -134,7 +135,7 @@ def test_config_unknown_key_is_named(patch, key):
             d[k].update(v)
         else:
             d[k] = v
-    with pytest.raises(ConfigError, match=f"unknown key {key}"):
+    with pytest.raises(ConfigError, match=f"^{key}: unknown key .*valid keys here: "):
         ModelCfg.from_dict(d)
 
 
@@ -147,8 +148,50 @@ def test_config_inconsistent_values_raise(tmp_path):
         load_model_config("no-such-config")
     p = tmp_path / "m.yaml"
     p.write_text("name: x\ninput_size: 256\nbogus: 1\n")
-    with pytest.raises(ConfigError, match="unknown key bogus"):
+    with pytest.raises(ConfigError, match="m.yaml: bogus: unknown key"):
         load_model_config(p)
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"map": {"sigma": "4"}}, r"map\.sigma: Input should be a valid number, got '4' \(text, not a number"),
+    ({"halo": {"heads": True}}, r"halo\.heads: Input should be a valid integer, got True"),
+    ({"map": {"score": "mean"}}, r"map\.score: Input should be 'max' or 'topk', got 'mean'"),
+    ({"backbone": {"aggregate": 0}}, r"backbone\.aggregate: Input should be greater than or equal to 1"),
+    ({"input_size": [256, "x"]}, r"input_size: use a positive integer or \[height, width\]"),
+    ({"map": {"sigma": float("nan")}}, r"map\.sigma: Input should be a finite number"),
+])
+def test_config_wrong_types_are_refused_when_read(tmp_path, patch, message):
+    """A wrongly typed value fails when the config is read (it used to pass and fail after a
+    whole training run), as a one-line user error naming the key path."""
+    d = ModelCfg().to_dict()
+    for k, v in patch.items():
+        d[k].update(v) if isinstance(v, dict) else d.__setitem__(k, v)
+    with pytest.raises(ConfigError, match=message) as err:
+        ModelCfg.from_dict(d)
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="m.yaml: " + message):
+        load_model_config(p)
+
+
+def test_assignment_is_type_checked():
+    cfg = ModelCfg()
+    with pytest.raises(ConfigError, match="sigma: Input should be a valid number"):
+        cfg.map.sigma = "4"
+    cfg.map.sigma = 2  # an int is a number
+    assert cfg.map.sigma == 2.0
+
+
+def test_named_model_configs_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert set(available_model_configs()) >= {"edge", "paper", "tiny"}
+    assert load_model_config("tiny").name == "tiny"
+    (tmp_path / "mine.yaml").write_text("name: mine\ninput_size: 128\nbackbone: {grid: 16}\n"
+                                        "image_decoder_widths: [16, 8, 8]\n")
+    assert load_model_config("mine.yaml").name == "mine"  # a path still works
+    with pytest.raises(ConfigError, match="'mine' not found: pass a YAML path or one of"):
+        load_model_config("mine")
 
 
 def test_vgg19_missing_weights_is_clear(tmp_path):

@@ -18,9 +18,9 @@ from haloae.train.config import ConfigError
 from haloae.train.cutpaste import augment_batch
 from haloae.train.data import ImageDataset, find_mvtec_samples
 from haloae.train.inference import HaloAEInference
-from haloae.train.loss import default_curves, loss_weights, ssim
+from haloae.train.loss import loss_weights, ssim
 from haloae.train.synth import generate
-from haloae.train.train_config import TrainCfg, load_train_config
+from haloae.train.train_config import TrainCfg, default_curves, load_train_config
 from haloae.train.train_loop import LOG_FIELDS, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,6 +74,35 @@ def test_loss_schedule_endpoints_and_monotonic():
     # the config's curves are the defaults unless changed
     cfg_curves = TrainCfg().loss.curves()
     assert loss_weights(0.37, cfg_curves) == loss_weights(0.37, curves)
+
+
+def test_loss_curve_given_in_part_keeps_its_other_defaults():
+    cfg = TrainCfg.from_dict({"loss": {"ce": {"steep": 5.0}}})
+    assert cfg.loss.ce.steep == 5.0
+    assert (cfg.loss.ce.start, cfg.loss.ce.end, cfg.loss.ce.mid) == (1.0, 0.4, 0.16)  # a1's defaults
+    assert cfg.loss.feat == default_curves()["feat"]
+
+
+def test_train_config_types_checked_when_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # named configs come from the package, not from ./configs
+    assert load_train_config("tiny") == load_train_config(REPO / "configs/train/tiny.yaml")
+    assert load_train_config("mtd-edge").model == "edge"
+    bad = tmp_path / "bad.yaml"
+    for text, message in [("lr: '0.01'\n", r"lr: Input should be a valid number, got '0.01'"),
+                          ("lr: 1e-3\n", r"lr: .*YAML reads 1e5 as text"),
+                          ("epochs: 0\n", r"epochs: Input should be greater than or equal to 1"),
+                          ("augment: {p_cutpaste: 0.8, p_scar: 0.4}\n", r"sum <= 1"),
+                          ("model: no-such-model\n", r"model config 'no-such-model' not found"),
+                          ("model_overrides: {map: {sigma: '4'}}\n", r"model_overrides: map.sigma: Input"),
+                          ("epochs: 3\nepochs: 4\n", r"the key 'epochs' appears twice")]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_train_config(bad)
+    with pytest.raises(ConfigError, match=r"train config 'tiniest' not found: .*'tiny'"):
+        load_train_config("tiniest")
+    cfg = TrainCfg()
+    with pytest.raises(ConfigError, match="batch_size: Input should be greater than or equal to 2"):
+        cfg.batch_size = 1
 
 
 def test_ssim_on_images_and_many_channel_features():
@@ -162,6 +191,6 @@ def test_cli_one_line_errors(tmp_path, small_data, capsys):
     assert cli.main(["--config", good, "--data", str(small_data), "--out",
                      str(tmp_path / "r")]) == 2
     assert "--resume" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="unknown key 'augment.cutpaste'"):
+    with pytest.raises(ConfigError, match="augment.cutpaste: unknown key .*valid keys here: p_cutpaste"):
         bad.write_text("augment:\n  cutpaste: 0.5\n")
         load_train_config(bad)
