@@ -80,7 +80,6 @@ def _metrics(scored, scores, maps, fpr_target: float) -> dict:
 
 def _peer_maps(name: str, tr, te, args, cfg):
     """Fit a peer on training features and return (scores, maps [N, H, W], fit s, ms/img)."""
-    import torch
     import torch.nn.functional as F
 
     from haloae.train.anomaly_map import smooth, upsample

@@ -20,12 +20,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 from .manifest import MANIFEST
 

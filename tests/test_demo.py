@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from pathlib import Path
 
 from conftest import CHILD_ENV, REPO, bin_path, run_cli
 

@@ -17,7 +17,7 @@ from haloae.export.fp16 import fp32_node_names
 from haloae.export.onnx_export import downgrade_to_opset17
 from haloae.train.checkpoint import load_checkpoint, save_checkpoint
 from haloae.train.config import load_model_config
-from haloae.train.inference import HaloAEInference, raw_outputs
+from haloae.train.inference import HaloAEInference
 from haloae.train.torch_model import create_model
 
 
