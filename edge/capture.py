@@ -34,6 +34,8 @@ import cv2
 import numpy as np
 import zmq
 
+from haloae.errors import HaloaeError
+
 from .config import CameraConfig, ConfigError, HealthConfig
 from .frames import CameraStatus
 from .ipc import FrameSender
@@ -47,15 +49,15 @@ MIN_SIDE = 8  # smaller frames are garbage
 OPEN_TIMEOUT_MS = 5000  # network sources: FFmpeg open / read timeouts
 
 
-class SourceLost(Exception):
+class SourceLost(HaloaeError):
     """The source cannot be opened or read: reopen with backoff."""
 
 
-class SourceEnded(Exception):
+class SourceEnded(HaloaeError):
     """A finite source (file or folder without loop) reached its end."""
 
 
-class BadFrame(Exception):
+class BadFrame(HaloaeError):
     """One frame is unusable: skip it and count an error."""
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
+from haloae.errors import UserError
 from haloae.validate import check_client_id, check_identifier, check_prefix, check_threshold, mqtt_text_problem
 
 from .config_base import Strict as _Strict
@@ -30,7 +31,7 @@ Roi = Annotated[tuple[StrictInt, ...], Field(strict=False)]
 _NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem the user must fix; the message says where and what to do."""
 
 

@@ -32,6 +32,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from haloae.errors import Failure
 from haloae.export.bundle import BundleError
 from haloae.validate import check_threshold
 
@@ -92,7 +93,7 @@ def check_zones(cameras: list[CameraConfig], manifest: dict) -> Reduction | None
     return reduction
 
 
-class _Broken(RuntimeError):
+class _Broken(Failure, RuntimeError):
     """The model cannot inspect at all (not one failure: a lasting state): stop the daemon."""
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from haloae.errors import UserError
 from haloae.export.bundle import BundleError
 
 from .alarms import SCHEMA_VERSION, iso_utc
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ModelRefused(ValueError):
+class ModelRefused(UserError, ValueError):
     """A bundle that verified and loaded but cannot score (wrong shapes, NaN / inf)."""
 
 

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from haloae.errors import UserError
 from haloae.validate import check_threshold, strict_json
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ _REQUIRED = ("input", "outputs", "threshold", "files", "model")
 _HINT = "re-export it with `haloae-export CHECKPOINT --out DIR`"
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle is missing, incomplete, tampered with or of an unknown version."""
 
 

@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from haloae.errors import UserError
+
 _LOG = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +28,7 @@ def model_config_dirs() -> tuple[Path, ...]:
     return (Path.cwd() / "configs" / "model", REPO_ROOT / "configs" / "model")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model configuration is invalid; the message names the key and how to fix it."""
 
 

@@ -28,6 +28,8 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from haloae.errors import UserError
+
 from . import ddp
 from .calibrate import calibrate
 from .checkpoint import read_checkpoint, save_checkpoint
@@ -131,7 +133,7 @@ def _write_log(path: Path, row: dict) -> None:
                     for k in LOG_FIELDS})
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """The run folder does not fit the request (existing run without --resume, ...)."""
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from haloae.errors import UserError
 
-class BackendUnavailable(RuntimeError):
+
+class BackendUnavailable(UserError, RuntimeError):
     """The backend's library, GPU or files are missing here; ``auto`` tries the next one."""
 
 
