@@ -28,8 +28,6 @@ from haloae.errors import UserError
 from haloae.export.bundle import BundleError
 
 from .alarms import SCHEMA_VERSION, iso_utc
-from .backends import BackendUnavailable
-from .config import ConfigError
 from .payloads import dumps
 from .reload import LoadedModel, load_model
 
@@ -95,7 +93,7 @@ class ModelSwitch:
             model = load_model(cfg)
             warm_ms = warm_up(model)
             app.swap_model(model, model_cfg)
-        except (BundleError, ConfigError, BackendUnavailable, ModelRefused, OSError) as err:
+        except (UserError, OSError) as err:  # a bad bundle / backend / config: the running model stays
             return self._refused(path, old_id, old_bundle, str(err))
         except Exception as err:  # noqa: BLE001 - a bug while loading: keep the running model, show it
             log.exception("model/set failed")

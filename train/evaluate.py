@@ -126,7 +126,8 @@ def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = 
     providers = ["CPUExecutionProvider"]
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if device.startswith("cuda") and not has_cuda:
-        raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider; install "
+        from .ddp import DeviceError
+        raise DeviceError(f"--device {device}: this onnxruntime has no CUDA provider; install "
                          "onnxruntime-gpu or use --device cpu")
     if device != "cpu" and has_cuda:
         providers.insert(0, "CUDAExecutionProvider")
