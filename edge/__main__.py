@@ -125,5 +125,6 @@ def main(argv: list[str] | None = None) -> None:
     # capture threads blocked in a camera read cannot be joined; do not let them delay the exit
     os._exit(code)
 
+
 if __name__ == "__main__":
     main()

@@ -290,5 +290,6 @@ def _main(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     return cli.run("haloae-collect", _main, argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -244,5 +244,6 @@ def _main(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     return cli.run("haloae-export", _main, argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())

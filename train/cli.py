@@ -101,5 +101,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Exit 0 done, 2 bad input (one line), 1 a failure or a bug (a bug shows its traceback)."""
     return cli.run("haloae-train", _main, argv, interrupted_hint="continue with --resume")
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -119,5 +119,6 @@ def _main(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     return cli.run("haloae-eval", _main, argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -243,5 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 0 exported, 2 bad input, 3 not better (nothing exported), 1 a failure or a bug."""
     return cli.run("haloae-retrain", _main, argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())
