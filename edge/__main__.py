@@ -1,9 +1,11 @@
 """``haloae-edge``: the inspection daemon (camera → HaloAE → MQTT).
 
-User errors (bad config, missing file, bad bundle, missing camera library, unavailable
-backend) print ONE line ``haloae-edge: <kind> error: <key path>: <what to do>`` on stderr and
-exit with code 2 (systemd: ``RestartPreventExitStatus=2``); no traceback. Imports nothing
-heavy (no torch, no onnx, no onnxruntime) until a backend is built.
+User errors at start (bad config, missing file, bad bundle, missing camera library,
+unavailable backend, unusable state folder: any `haloae.errors.UserError`) print ONE line
+``haloae-edge: <kind> error: <key path>: <what to do>`` on stderr and exit with code 2
+(systemd: ``RestartPreventExitStatus=2``); no traceback. Everything else goes through the one
+CLI runner (`haloae.cli.run`): a bug shows its traceback and exits 1. Imports nothing heavy (no
+torch, no onnx, no onnxruntime) until a backend is built.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import EXIT_CONFIG, ConfigError, load_config
+from haloae import cli
+from haloae.errors import EXIT_USER, UserError
+
+from .config import load_config
 
 EPILOG = """examples:
   haloae-edge --config configs/edge/one-camera.yaml
@@ -38,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "published (replays, tests, benchmarks)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="override health.log_level")
+    cli.add_version(p)
     return p.parse_args(argv)
 
 
@@ -51,9 +57,23 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _fail(kind: str, msg: str) -> int:
+def _fail(kind: str, msg: object) -> int:
     print(f"haloae-edge: {kind} error: {' '.join(str(msg).split())}", file=sys.stderr)
-    return EXIT_CONFIG
+    return EXIT_USER
+
+
+def _kind(err: UserError) -> tuple[str, str]:
+    """(kind, key path) of the one line for a start-up error (docs/operations.md lists them)."""
+    from haloae.manifest import BundleError
+
+    from haloae.runtime import BackendUnavailable
+    from .outbox import OutboxError
+
+    for cls, kind, where in ((OutboxError, "state", "state_dir: "), (BundleError, "bundle", "model.bundle: "),
+                             (BackendUnavailable, "backend", "model.backend: ")):
+        if isinstance(err, cls):
+            return kind, where
+    return "config", ""
 
 
 def _quiet_opencv() -> None:
@@ -68,46 +88,37 @@ def _quiet_opencv() -> None:
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        return _fail("config", e)
-    _setup_logging(args.log_level or ("WARNING" if args.validate_config else cfg.health.log_level))
-    _quiet_opencv()
-    from haloae.manifest import BundleError
-
-    from .app import EdgeApp
-    from haloae.runtime import BackendUnavailable
-    from .outbox import OutboxError
-
-    app = EdgeApp(cfg, exit_when_done=args.exit_when_done, config_path=Path(args.config))
-    try:
-        app.prepare(serve=not args.validate_config)
-    except OutboxError as e:
-        return _fail("state", f"state_dir: {e}")
-    except ConfigError as e:
-        return _fail("config", e)
-    except BundleError as e:
-        return _fail("bundle", f"model.bundle: {e}")
-    except BackendUnavailable as e:
-        return _fail("backend", f"model.backend: {e}")
+        app = _prepared(args)
+    except UserError as e:
+        kind, where = _kind(e)
+        return _fail(kind, f"{where}{e}")
     except OSError as e:  # state_dir not writable, outbox unreadable, disk full
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         return _fail("state", f"state_dir{where}: {e.strerror or e}; check that the folder exists and "
                               "this user may write it (systemd: StateDirectory=)")
     if args.validate_config:
-        print(f"haloae-edge: config OK: node {cfg.node}, {len(cfg.cameras)} camera(s), "
-              f"bundle {cfg.model.bundle}, backend {app.backend.description}")
+        print(f"haloae-edge: config OK: node {app.cfg.node}, {len(app.cfg.cameras)} camera(s), "
+              f"bundle {app.cfg.model.bundle}, backend {app.backend.description}")
         return 0
     app.install_signal_handlers()
     return app.run()
 
 
+def _prepared(args: argparse.Namespace):
+    """The daemon with its config read and checked, bundle verified and backend loaded."""
+    cfg = load_config(args.config)
+    _setup_logging(args.log_level or ("WARNING" if args.validate_config else cfg.health.log_level))
+    _quiet_opencv()
+    from .app import EdgeApp
+
+    app = EdgeApp(cfg, exit_when_done=args.exit_when_done, config_path=Path(args.config))
+    app.prepare(serve=not args.validate_config)
+    return app
+
+
 def main(argv: list[str] | None = None) -> None:
-    try:
-        code = run(argv)
-    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are installed (loading a model)
-        print("haloae-edge: interrupted", file=sys.stderr)
-        code = 130
+    # a bug: traceback, exit 1; Ctrl-C before the signal handlers are installed: exit 130
+    code = cli.run("haloae-edge", run, argv)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

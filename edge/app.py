@@ -1,8 +1,9 @@
 """The orchestrator: capture workers → latest-frame hand-off → inference worker → publisher.
 
 :meth:`EdgeApp.prepare` does everything that can fail because of the user's input (camera
-sources, state folder, bundle verification, backend) before anything starts, raising
-``ConfigError`` / ``BundleError`` / ``BackendUnavailable`` (the CLI prints one line, exit 2).
+sources, state folder, bundle verification, backend) before anything starts, raising a
+`haloae.errors.UserError` (``ConfigError``, ``BundleError``, ``BackendUnavailable``: the CLI prints
+one line, exit 2).
 :meth:`EdgeApp.run` then supervises from the main thread: stats every
 ``publish.stats_interval_s``, stale cameras, the systemd watchdog when no camera can deliver,
 SIGHUP (re-read the YAML, re-verify and reload the bundle with a new backend; MQTT stays
@@ -28,9 +29,9 @@ from pathlib import Path
 import cv2
 import zmq
 
-from haloae.manifest import BundleError
+from haloae.errors import EXIT_FAILED, EXIT_OK, UserError
 
-from haloae.runtime import Backend, BackendUnavailable
+from haloae.runtime import Backend
 from .capture import CaptureWorker, check_source
 from .config import EXIT_CONFIG, ConfigError, EdgeConfig, load_config
 from .frames import CameraStatus
@@ -42,7 +43,7 @@ from .watchdog import Notifier
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FATAL = 0, 1
+EXIT_FATAL = EXIT_FAILED  # a dead worker or a broken model at run time: systemd restarts it
 TICK_S = 0.2
 MAX_CAPTURE_RESTARTS = 5  # a capture thread that keeps dying: give up (exit 1)
 
@@ -323,7 +324,7 @@ class EdgeApp:
             live, restart = config_changes(self.cfg, cfg)
             model = load_model(cfg)
             self.swap_model(model, cfg.model)
-        except (ConfigError, BundleError, BackendUnavailable, OSError) as e:
+        except (UserError, OSError) as e:  # bad config / bundle / backend: the running model stays
             return self._reload_failed(old_id, str(e))
         except Exception as e:  # noqa: BLE001 - a bug in loading: keep the running model, show the traceback
             log.exception("reload failed")

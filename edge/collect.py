@@ -31,8 +31,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from haloae import cli
+from haloae.errors import EXIT_INTERRUPTED, UserError
+
 from .capture import BadFrame, SourceEnded, SourceLost, check_source, make_source, source_kind, to_rgb
-from .config import EXIT_CONFIG, ConfigError, load_config
+from .config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -266,25 +269,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-change", type=float, default=1.0,
                    help="mean grey-level difference to the last kept frame below which it is a near-duplicate (1.0)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    cli.add_version(p)
     args = p.parse_args(argv)
     if args.count < 1 or args.every < 0 or args.blur_ratio < 0 or args.min_change < 0:
         p.error("--count must be >= 1; --every, --blur-ratio and --min-change >= 0")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         tally = collect(args)
-    except ConfigError as e:
-        print(f"haloae-collect: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OSError as e:
-        print(f"haloae-collect: error: {e}; check that --out is writable and has space", file=sys.stderr)
-        return EXIT_CONFIG
+    except OSError as e:  # a frame that cannot be written: the disk, not a bug
+        raise UserError(f"{e}; check that --out is writable and has space") from e
     print(summary(tally, args))
-    return 130 if tally.interrupted and not tally.kept else 0
+    return EXIT_INTERRUPTED if tally.interrupted and not tally.kept else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("haloae-collect", _main, argv)
 
 
 if __name__ == "__main__":

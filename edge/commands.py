@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from haloae.errors import UserError
+
 MAX_COMMAND_BYTES = 4096
 CAMERA_COMMANDS = ("feedback", "calibrate")  # <prefix>/<camera>/<name>/set
 NODE_COMMANDS = ("model",)  # <prefix>/<name>/set
@@ -22,7 +24,7 @@ LABELS = {"ok": "good", "defect": "defect"}  # label -> the folder it is filed i
 _EVENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
-class CommandError(ValueError):
+class CommandError(UserError, ValueError):
     """A refused command payload; the text goes to ``<prefix>/error``."""
 
 

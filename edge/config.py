@@ -3,7 +3,7 @@
 ``load_config(path)`` reads the YAML, validates it and resolves relative paths against the
 YAML file's folder (state paths against ``state_dir``). Errors raise :class:`ConfigError`
 whose message names the key path (``cameras.0.source: ...``); the CLI prints it on one line
-and exits with :data:`EXIT_CONFIG`. Secrets never live in the YAML: the MQTT password comes
+and exits with :data:`EXIT_CONFIG` (= ``haloae.errors.EXIT_USER``, 2). Secrets never live in the YAML: the MQTT password comes
 from an environment variable or from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
 """
 
@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from haloae import runtime
+from haloae.errors import EXIT_USER, UserError
 from haloae.validate import check_client_id, check_identifier, check_prefix, mqtt_text_problem
 
 from .config_base import Strict as _Strict
@@ -27,11 +28,11 @@ from .sources import CameraConfig  # noqa: F401 - the base of every camera kind,
 from haloae.yaml_file import read_yaml
 from haloae.zones import ZonesError, load_zones
 
-EXIT_CONFIG = 2  # exit code for configuration errors (systemd: RestartPreventExitStatus=2)
+EXIT_CONFIG = EXIT_USER  # configuration errors exit 2 (systemd: RestartPreventExitStatus=2)
 _HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem the user must fix; the message says where and what to do."""
 
 

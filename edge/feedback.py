@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from haloae.errors import UserError
+
 from . import topics
 from .alarms import SCHEMA_VERSION, iso_utc
 from .commands import LABELS, Feedback
@@ -41,7 +43,7 @@ MAX_SCANNED = 5000  # result JSON files read to find one alarm's frames
 MAX_FRAMES = 200  # frames filed for one alarm
 
 
-class FeedbackError(ValueError):
+class FeedbackError(UserError, ValueError):
     """Nothing to file (no such alarm or frame in the evidence); the text says why."""
 
 

@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from haloae.errors import Failure
 from haloae.manifest import Manifest
 from haloae.preprocess import to_batch
 from haloae.runtime import Backend
@@ -70,7 +71,7 @@ def check_zones(cameras: list[CameraConfig], manifest: Manifest) -> Reduction | 
     return reduction
 
 
-class _Broken(RuntimeError):
+class _Broken(Failure, RuntimeError):
     """The model cannot inspect at all (not one failure: a lasting state): stop the daemon."""
 
 

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from haloae.errors import UserError
 from haloae.manifest import BundleError
 
 from . import topics
 from .alarms import SCHEMA_VERSION, iso_utc
-from haloae.runtime import BackendUnavailable
-from .config import ConfigError
 from .payloads import dumps
 from .reload import LoadedModel, load_model
 
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ModelRefused(ValueError):
+class ModelRefused(UserError, ValueError):
     """A bundle that verified and loaded but cannot score (wrong shapes, NaN / inf)."""
 
 
@@ -95,7 +94,7 @@ class ModelSwitch:
             model = load_model(cfg)
             warm_ms = warm_up(model)
             app.swap_model(model, model_cfg)
-        except (BundleError, ConfigError, BackendUnavailable, ModelRefused, OSError) as err:
+        except (UserError, OSError) as err:  # a bad bundle / backend / config: the running model stays
             return self._refused(path, old_id, old_bundle, str(err))
         except Exception as err:  # noqa: BLE001 - a bug while loading: keep the running model, show it
             log.exception("model/set failed")

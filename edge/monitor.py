@@ -24,6 +24,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from haloae import cli
+from haloae.errors import UserError
+
 from . import topics
 from .mqtt_health import code_of, refusal_hint
 
@@ -49,7 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, help="exit after this many seconds (exit code 1 if --count was not reached)")
     p.add_argument("--json", action="store_true", help="print the raw JSON payloads, one per line")
     p.add_argument("--mqtt3", action="store_true", help="speak MQTT 3.1.1 instead of 5 (older brokers)")
+    cli.add_version(p)
     return p.parse_args(argv)
+
+
+def _broker(args: argparse.Namespace) -> tuple[str, int]:
+    """``--broker HOST[:PORT]`` as (host, port); a bad port or an unreadable --tls-ca is the user's to fix."""
+    host, _, port = args.broker.partition(":")
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise UserError(f"--broker {args.broker}: use HOST or HOST:PORT with a port 1..65535")
+    if args.tls_ca and not args.tls_ca.is_file():
+        raise UserError(f"--tls-ca {args.tls_ca}: no such file; pass the CA certificate the broker's "
+                        "certificate is signed with")
+    return host, int(port or (8883 if args.tls_ca else 1883))
 
 
 class Monitor:
@@ -145,9 +160,9 @@ class Monitor:
         (self.args.save_masks / f"{camera}_{frame}.png").write_bytes(png)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
-    host, _, port = args.broker.partition(":")
+    host, port = _broker(args)
     mon = Monitor(args)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311 if args.mqtt3 else mqtt.MQTTv5)
     client.on_connect, client.on_subscribe, client.on_message = mon.on_connect, mon.on_subscribe, mon.on_message
@@ -157,7 +172,7 @@ def main(argv=None) -> int:
         client.username_pw_set(args.username, os.environ.get("HALOAE_MQTT_PASSWORD"))
     if args.tls_ca:
         client.tls_set(ca_certs=str(args.tls_ca))
-    client.connect_async(host, int(port or (8883 if args.tls_ca else 1883)))
+    client.connect_async(host, port)
     stopped = threading.Event()  # Ctrl-C / SIGTERM: a flag polled below, never an exception
     for sig in (signal.SIGINT, signal.SIGTERM):  # raised inside paho or a lock wait
         signal.signal(sig, lambda *_: stopped.set())
@@ -178,6 +193,11 @@ def main(argv=None) -> int:
         print(f"timed out after {args.timeout:g} s with {mon.results} of {args.count} results", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit 0 done (or stopped), 1 timed out, 2 bad arguments (one line)."""
+    return cli.run("haloae-monitor", _main, argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from haloae.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
@@ -51,7 +53,7 @@ _CREATE = ("""CREATE TABLE IF NOT EXISTS events (
                created REAL NOT NULL, failed REAL NOT NULL, reason TEXT NOT NULL)""")
 
 
-class OutboxError(Exception):
+class OutboxError(UserError):
     """The outbox file cannot be used as it is; the message says what to do."""
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from haloae.errors import UserError
 from haloae.validate import check_threshold, parse_decimal
 
 MAX_SETTING_BYTES = 256
 
 
-class SettingError(ValueError):
+class SettingError(UserError, ValueError):
     """A rejected ``.../set`` message; the text goes to ``<prefix>/error``."""
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import importlib.util
 import logging
 import os
@@ -23,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from haloae import cli
+from haloae.errors import UserError
 from haloae import bundle as bundle_mod
 from haloae.runtime import trt_engine
 from haloae.manifest import Manifest
-
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 EXAMPLES = """\
 examples:
@@ -72,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="parity images K (8)")
     p.add_argument("--threads", type=int, help="CPU threads for torch / ONNX Runtime (all)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
+    return cli.add_version(p)
 
 
 def _versions() -> dict[str, str]:
@@ -120,21 +119,24 @@ def export_bundle(checkpoint: Path, out: Path, fp16: bool = False, batch: int = 
 
     from haloae.bundle import Bundle
     from haloae.export import parity
-    from haloae.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, ExportError, export_onnx
-    from haloae.train.checkpoint import load_checkpoint
+    from haloae.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
+    from haloae.train.checkpoint import CheckpointError, load_checkpoint
     from haloae.train.inference import HaloAEInference
 
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / bundle_mod.MANIFEST).is_file())):
-        raise FileExistsError(f"{out} exists and is not a bundle: choose an empty or new --out")
+        raise bundle_mod.BundleError(f"{out} exists and is not a bundle: choose an empty or new "
+                                     "--out")
     if batch < 1 or samples < 1:
-        raise ValueError("--batch and --samples must be >= 1")
+        raise UserError("--batch and --samples must be >= 1")
+    if not 13 <= opset <= 17:
+        raise UserError(f"--opset {opset}: use 13..17 (TensorRT 8.5/8.6 parse opset <= 17)")
     torch.set_num_threads(threads or os.cpu_count() or 1)
     say(f"[1/5] loading {checkpoint}")
     model, ckpt = load_checkpoint(checkpoint)
     if not ckpt.get("calibration"):
-        raise ExportError(f"{checkpoint} has no calibration: export the final.pt of a finished "
-                          "haloae-train run")
+        raise CheckpointError(f"{checkpoint} has no calibration: export the final.pt of a "
+                              "finished haloae-train run")
     module = HaloAEInference(model, source=str(checkpoint))
     h, w = model.cfg.hw
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,27 +209,6 @@ def _engine(bundle_dir: Path, precision: str, cache: Path | None) -> None:
     print(f"TensorRT {precision} engine: {path}")
 
 
-def _importable(module: str, *names: str) -> tuple[type[BaseException], ...]:
-    """Exception classes of ``module``, none if it cannot be imported (no torch on a Jetson)."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return ()
-    return tuple(getattr(mod, n) for n in names)
-
-
-def _failures() -> tuple[type[BaseException], ...]:
-    return (trt_engine.EngineError, *_importable("haloae.export.onnx_export", "ExportError"),
-            *_importable("haloae.export.parity", "ParityError"),
-            *_importable("haloae.export.trt_ops", "UnsupportedGraphError"))
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    return (bundle_mod.BundleError, FileExistsError, ValueError,
-            *_importable("haloae.train.checkpoint", "CheckpointError"),
-            *_importable("haloae.train.data", "DataError", "ImageReadError"))
-
-
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.verify is not None:
         check_onnx = importlib.util.find_spec("onnx") is not None
@@ -253,22 +234,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args, parser)
-    except _failures() as exc:
-        print(f"haloae-export: export failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except _user_errors() as exc:
-        print(f"haloae-export: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("haloae-export: interrupted", file=sys.stderr)
-        return 130
+    return _run(args, parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("haloae-export", _main, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from haloae.errors import Failure
 from haloae.export import trt_ops
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ _REDUCE_OPS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
 
 
-class ExportError(RuntimeError):
+class ExportError(Failure, RuntimeError):
     """The model cannot be exported to a TensorRT-ready ONNX graph."""
 
 

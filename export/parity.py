@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from haloae.errors import Failure
 from haloae.bundle import Bundle
 from haloae.manifest import THRESHOLD_TARGET as THRESHOLD
 from haloae.preprocess import to_model_input
@@ -38,7 +39,7 @@ FP32_TOL = {"score": 1e-4, "map": 1e-3}
 FP16_TOL = {"score": {"atol": 0.01, "rtol": 0.01}, "map": {"atol": 0.05, "rtol": 0.01}}
 
 
-class ParityError(RuntimeError):
+class ParityError(Failure, RuntimeError):
     """The exported graph does not reproduce PyTorch within the documented tolerance."""
 
 

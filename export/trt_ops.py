@@ -12,10 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from haloae.errors import Failure
+
 TABLE_PATH = Path(__file__).with_name("trt_ops.json")
 
 
-class UnsupportedGraphError(ValueError):
+class UnsupportedGraphError(Failure, ValueError):
     """The graph uses operators or attributes that TensorRT 8.5 / 8.6 / 10.x cannot parse."""
 
 

@@ -5,7 +5,8 @@
 
 - `UserError` -> ``<prog>: error: <message>`` on stderr, exit 2 (no traceback);
 - `Failure` -> ``<prog>: failed: <message>``, exit 1 (no traceback);
-- `KeyboardInterrupt` -> ``<prog>: interrupted``, exit 130;
+- `KeyboardInterrupt` -> ``<prog>: interrupted``, exit 130; a closed output pipe
+  (``haloae-config | head``) -> exit 0, quietly;
 - anything else is a bug: its traceback is printed and the exit code is 1.
 
 `add_version` gives a parser ``--version``. Set ``HALOAE_TRACEBACK=1`` to see the traceback of
@@ -46,6 +47,12 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], Optional[int]],
             traceback.print_exc()
         print(f"{prog}: failed: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `haloae-config | head`: the reader left, nothing is wrong
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}",
               file=sys.stderr)

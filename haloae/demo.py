@@ -25,6 +25,8 @@ from pathlib import Path
 
 import cv2
 
+from . import cli
+from .errors import Failure, UserError
 from .manifest import MANIFEST
 
 DEMO_TRAIN_IMAGES = 800
@@ -44,7 +46,7 @@ def step(n: int, text: str) -> None:
 def run(*args: str, env: dict | None = None) -> None:
     proc = subprocess.run([str(BIN / args[0]), *args[1:]], env=env)
     if proc.returncode != 0:
-        sys.exit(f"haloae-demo: `{' '.join(args)}` failed with exit code {proc.returncode}")
+        raise Failure(f"`{' '.join(args)}` exited with code {proc.returncode} (see above)")
 
 
 def reachable(host: str, port: int) -> bool:
@@ -73,7 +75,7 @@ class DemoBroker:
             self.kind = f"existing broker at {self.host}:{self.port}"
             return
         if wanted:
-            sys.exit(f"haloae-demo: no MQTT broker answers at {wanted}; start it or leave out --broker")
+            raise UserError(f"no MQTT broker answers at {wanted}; start it or leave out --broker")
         self.host, self.port = "127.0.0.1", free_port()
         mosq = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
         if mosq:
@@ -88,7 +90,7 @@ class DemoBroker:
         deadline = time.monotonic() + 15
         while not reachable(self.host, self.port):
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                sys.exit("haloae-demo: the MQTT broker did not start; install mosquitto or pass --broker")
+                raise Failure("the MQTT broker did not start; install mosquitto or pass --broker")
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -257,7 +259,7 @@ def prepare_bundle(wd: Path, args: argparse.Namespace, env: dict) -> Path:
     return bundle
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="haloae-demo", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path(".haloae-demo"),
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, help="image threshold of the camera (default: the bundle's, 0.5)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for training and inference")
     parser.add_argument("--readme-image", type=Path, help="also write the README's detection picture here")
+    cli.add_version(parser)
     args = parser.parse_args(argv)
     t0 = time.monotonic()
     wd = args.workdir.resolve()
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         collector.close()
         broker.stop()
     if edge.returncode != 0:
-        sys.exit(f"haloae-demo: haloae-edge exited with code {edge.returncode}")
+        raise Failure(f"haloae-edge exited with code {edge.returncode} (see above)")
 
     step(6, "summary")
     summary = summarise(collector, truth, wd, time.monotonic() - t0)
@@ -325,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                   "demo finished, but alarms or regions did not match the defective runs: see "
                   "summary.json"))
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("haloae-demo", _main, argv)
 
 
 if __name__ == "__main__":

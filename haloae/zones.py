@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from haloae.errors import UserError
 from haloae.config_base import format_error
 from haloae.yaml_file import read_yaml
 
@@ -45,7 +46,7 @@ MAX_SIDE = 100_000
 _SUBPIXEL = 4  # cv2.fillPoly fixed-point bits: polygon corners at 1/16 pixel
 
 
-class ZonesError(ValueError):
+class ZonesError(UserError, ValueError):
     """A zone set that cannot be used; the message says which value and what to do."""
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haloae.errors import UserError
+
 from .config import BackboneCfg
 
 _LOG = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class BackboneWeightsError(FileNotFoundError):
+class BackboneWeightsError(UserError, FileNotFoundError):
     """Backbone weights are missing or do not match the architecture."""
 
 

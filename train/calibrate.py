@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 
+from .calibration import CalibrationError
 from .inference import finish_map, grid_error
 
 _LOG = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def score_stats(scores: np.ndarray) -> dict[str, float]:
     """{n, mean, std, p50, p99, max} of raw image scores."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     if s.size == 0:
-        raise ValueError("no scores to summarise: the calibration set is empty")
+        raise CalibrationError("no scores to summarise: the calibration set is empty")
     return {"n": int(s.size), "mean": float(s.mean()), "std": float(s.std()),
             "p50": float(np.quantile(s, 0.5)), "p99": float(np.quantile(s, 0.99)),
             "max": float(s.max())}
@@ -63,7 +64,7 @@ def thresholds_from_scores(raw_image_scores: np.ndarray, raw_pixels: Optional[np
     scores = np.asarray(raw_image_scores, dtype=np.float64).ravel()
     stats = score_stats(scores)
     if not np.all(np.isfinite(scores)):
-        raise ValueError("non-finite image scores: the model diverged (NaN/inf); retrain with "
+        raise CalibrationError("non-finite image scores: the model diverged (NaN/inf); retrain with "
                          "a lower lr")
     image_thr = max(float(np.quantile(scores, image_quantile)), MIN_THRESHOLD)
     if raw_pixels is None:
@@ -106,7 +107,7 @@ def _grid_maps(model: torch.nn.Module, loader: Iterable, device: Any) -> torch.T
     finally:
         model.train(was_training)
     if not out:
-        raise ValueError("calibration loader gave no images: hold out some normal images "
+        raise CalibrationError("calibration loader gave no images: hold out some normal images "
                          "(holdout_fraction > 0)")
     return torch.cat(out)
 
@@ -116,7 +117,7 @@ def fit_position_stats(model: torch.nn.Module, loader: Iterable, device: Any = "
     """Per-position mean / std of held-out normal grid maps into ``model.calibration``."""
     maps = _grid_maps(model, loader, device)
     if maps.shape[0] < 2:
-        raise ValueError("map.position_norm needs at least 2 held-out normal images for its "
+        raise CalibrationError("map.position_norm needs at least 2 held-out normal images for its "
                          "statistics; hold out more (holdout_fraction)")
     mean, std = maps.mean(dim=0)[0], maps.std(dim=0)[0]
     model.calibration.set_position_stats(mean, std)

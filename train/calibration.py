@@ -22,12 +22,13 @@ import math
 import torch
 from torch import nn
 
+from haloae.errors import UserError
 from haloae.manifest import THRESHOLD_TARGET  # both thresholds sit here in the normalised outputs
 
 POS_STD_FLOOR = 0.1  # pos_std >= this fraction of its mean: no position divides by ~0
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """A calibration value is missing, non-finite or not > 0."""
 
 

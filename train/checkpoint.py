@@ -20,6 +20,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from haloae.errors import UserError
+
 from .config import ConfigError, ModelCfg
 from .torch_model import HaloAE, create_model
 
@@ -29,7 +31,7 @@ FORMAT, VERSION = "haloae-checkpoint", 1
 PathLike = Union[str, Path]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unreadable or not a HaloAE checkpoint."""
 
 

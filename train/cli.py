@@ -11,16 +11,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .backbones import BackboneWeightsError
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data import DataError, ImageReadError
-from .ddp import DeviceError
-from .train_config import load_train_config
+from haloae import cli
 
-USER_ERRORS = (ConfigError, DataError, ImageReadError, CheckpointError, DeviceError,
-               BackboneWeightsError, FileExistsError)
-EXIT_USER_ERROR = 2
+from .config import ConfigError
+from .train_config import load_train_config
 
 EXAMPLES = """\
 examples:
@@ -63,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop after N more epochs (continue later with --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
-    return p
+    return cli.add_version(p)
 
 
 def _keep_freed_memory() -> None:
@@ -80,37 +74,32 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _main(argv: Optional[list[str]]) -> int:
     args = _parser().parse_args(argv)
     _keep_freed_memory()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_train_config(args.config)
-        if args.epochs is not None:
-            cfg.epochs = args.epochs
-        if args.seed is not None:
-            cfg.seed = args.seed
-        if args.threads is not None:
-            cfg.threads = args.threads
-        if args.stop_after is not None and args.stop_after < 1:
-            raise ConfigError(f"--stop-after {args.stop_after}: use 1 or more")
-        cfg.validate()
-        from .train_loop import RunError, train  # torch-heavy import after argument checks
-        try:
-            final = train(cfg, args.data, args.out, args.device, args.resume,
-                          args.stop_after, progress=not args.quiet).final
-        except RunError as exc:
-            raise ConfigError(str(exc)) from exc
-    except USER_ERRORS as exc:
-        print(f"haloae-train: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("haloae-train: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    cfg = load_train_config(args.config)
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.threads is not None:
+        cfg.threads = args.threads
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError(f"--stop-after {args.stop_after}: use 1 or more")
+    cfg.validate()
+    from .train_loop import train  # torch-heavy import after argument checks
+    final = train(cfg, args.data, args.out, args.device, args.resume, args.stop_after,
+                  progress=not args.quiet).final
     if final is not None:
         print(f"haloae-train: wrote {final}", file=sys.stderr)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Exit 0 done, 2 bad input (one line), 1 a failure or a bug (a bug shows its traceback)."""
+    return cli.run("haloae-train", _main, argv, interrupted_hint="continue with --resume")
 
 
 if __name__ == "__main__":

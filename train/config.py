@@ -22,6 +22,7 @@ from haloae.config_base import Strict, format_error
 from haloae.errors import UserError
 from haloae.yaml_file import read_yaml
 
+
 _LOG = logging.getLogger(__name__)
 _NESTING = threading.local()
 

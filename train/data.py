@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from haloae.errors import UserError
 from haloae.preprocess import Size, hw, resize_rgb, to_model_input, to_rgb
 
 _LOG = logging.getLogger(__name__)
@@ -48,11 +49,11 @@ class Sample:
     mask_path: Optional[Path] = None  # ground-truth mask (255 = defect), None for good images
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An image or mask file cannot be read; the message names the file and what to do."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data folder is missing, empty or inconsistent; the message names it and what to do."""
 
 

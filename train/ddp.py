@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from haloae.errors import UserError
+
 _LOG = logging.getLogger(__name__)
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """The requested device is not available."""
 
 

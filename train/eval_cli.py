@@ -6,12 +6,11 @@ Exit codes: 0 done, 2 bad input (missing / invalid checkpoint, bundle or data, b
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from haloae import cli
 
 EXAMPLES = """\
 examples:
@@ -65,19 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                         "applied to every map and score as on the line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [ValueError, FileNotFoundError]
-    for module, names in (("haloae.train.checkpoint", ("CheckpointError",)),
-                          ("haloae.train.data", ("DataError", "ImageReadError")),
-                          ("haloae.train.ddp", ("DeviceError",)),
-                          ("haloae.manifest", ("BundleError",)),
-                          ("haloae.runtime", ("BackendUnavailable",))):
-        mod = importlib.import_module(module)
-        found += [getattr(mod, n) for n in names]
-    return tuple(found)
+    return cli.add_version(p)
 
 
 def _check_source(args: argparse.Namespace) -> None:
@@ -97,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
     from . import evaluate, report
 
     if args.threads is not None and args.threads < 1:
-        raise ValueError("--threads must be >= 1")
+        from .ddp import DeviceError
+        raise DeviceError(f"--threads {args.threads}: use 1 or more")
     zones = load_zones(args.ignore_zones) if args.ignore_zones is not None else None
     _check_source(args)  # cheap: the model file is there (a bundle: manifest and hashes)
     samples = evaluate.find_checked_samples(args.data)  # every file decoded before model work
@@ -121,18 +109,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args)
-    except _user_errors() as exc:
-        print(f"haloae-eval: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("haloae-eval: interrupted", file=sys.stderr)
-        return 130
+    return _run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("haloae-eval", _main, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 
 from haloae.preprocess import scale_tensor
 
+from .calibration import CalibrationError
 from .torch_model import HaloAE
 
 _LOG = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def split_calibration(held_out: Sequence, position_norm: bool,
     if not position_norm:
         return [], held_out
     if len(held_out) < 4:
-        raise ValueError(f"map.position_norm needs at least 4 held-out normal images (2 for the "
+        raise CalibrationError(f"map.position_norm needs at least 4 held-out normal images (2 for the "
                          f"position statistics, 2 for the thresholds), got {len(held_out)}; "
                          "raise holdout_fraction or add images")
     half = len(held_out) // 2

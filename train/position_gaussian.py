@@ -26,6 +26,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from .calibration import CalibrationError
 from .config import ModelCfg
 
 _LOG = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class PositionGaussian(nn.Module):
             s2 = xx if s2 is None else s2 + xx
             n += x.shape[1]
         if n < 2:
-            raise ValueError(f"the position-wise Gaussian needs at least 2 normal images, got {n}")
+            raise CalibrationError(f"the position-wise Gaussian needs at least 2 normal images, got {n}")
         mean = s1 / n  # P, d
         cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
         cov += self.eps * torch.eye(self.dims, dtype=cov.dtype)
@@ -108,5 +109,5 @@ class PositionGaussian(nn.Module):
 def check_fitted(gaussian: Optional[PositionGaussian], source: str) -> None:
     """Raise a clear error when a model with ``map.error: gaussian`` was never fitted."""
     if gaussian is not None and not bool(gaussian.fitted):
-        raise ValueError(f"{source}: the position-wise Gaussian of map.error=gaussian was never "
+        raise CalibrationError(f"{source}: the position-wise Gaussian of map.error=gaussian was never "
                          "fitted; use the final.pt of a finished haloae-train run")

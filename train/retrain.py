@@ -15,7 +15,8 @@ Steps (each a file hand-off, as between the stages):
    the current one does; then (or with ``--force``) ``haloae-export`` writes ``RUN/bundle``,
    and the command that promotes it on the box is printed.
 
-Exit codes: 0 exported, 2 bad input, 3 the new model did not pass (nothing exported).
+Exit codes: 0 exported, 2 bad input, 3 the new model did not pass (nothing exported), 1 a step
+failed (or a bug: its traceback is shown).
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ from typing import Any
 
 import numpy as np
 
+from haloae import cli
+from haloae.errors import EXIT_USER, Failure, UserError
 from haloae.manifest import THRESHOLD_TARGET as T
 
 from .data import DataError, check_readable, find_eval_samples, find_folder_samples, find_train_samples
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT, EXIT_NOT_BETTER = 2, 3
+EXIT_NOT_BETTER = 3  # the new model did not pass: nothing exported
 
 EXAMPLES = """\
 examples:
@@ -59,6 +62,14 @@ Then copy RUN/bundle to the box and promote it without a shell there:
 def _bin(name: str) -> str:
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else name
+
+
+def _step(cmd: list[str], then: str) -> None:
+    """Run one stage's CLI; its exit 2 (bad input) stays a user error, anything else a failure."""
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        kind = UserError if code == EXIT_USER else Failure
+        raise kind(f"{Path(cmd[0]).name} exited with {code} (see above); {then}")
 
 
 def merge_training_set(data: Path, feedback: Path | None, extra: list[Path], out: Path) -> dict[str, int]:
@@ -176,8 +187,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--epochs", args.epochs), ("--threads", args.threads)):
         if value is not None:
             train += [flag, str(value)]
-    if subprocess.run(train).returncode != 0:
-        raise DataError(f"haloae-train failed (see above); fix it and run haloae-retrain again (--out {out})")
+    _step(train, f"fix it and run haloae-retrain again (--out {out})")
     sets = {}
     if args.feedback is not None and _has_labelled(args.feedback):
         sets["feedback"] = args.feedback
@@ -199,9 +209,7 @@ def run(args: argparse.Namespace) -> int:
               "--data", str(out / "data")] + (["--fp16"] if args.fp16 else [])
     if args.threads is not None:
         export += ["--threads", str(args.threads)]
-    if subprocess.run(export).returncode != 0:
-        raise DataError("haloae-export failed (see above); the checkpoint is in "
-                        f"{out / 'train' / 'final.pt'}")
+    _step(export, f"the checkpoint is in {out / 'train' / 'final.pt'}")
     print(f"haloae-retrain: exported {out / 'bundle'}; copy it to the box and promote it:")
     print(f"  mosquitto_pub -q 1 -t haloae/<node>/model/set -m /opt/haloae/bundles/{out.name}")
     return 0
@@ -223,24 +231,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for training and scoring")
     p.add_argument("--fp16", action="store_true", help="export the fp16 graph too")
     p.add_argument("--force", action="store_true", help="export even when the new model did not pass")
-    return p
+    return cli.add_version(p)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from haloae.manifest import BundleError
-
-    from .checkpoint import CheckpointError
-
-    try:
-        return run(args)
-    except (DataError, BundleError, CheckpointError, FileNotFoundError) as exc:
-        print(f"haloae-retrain: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("haloae-retrain: interrupted", file=sys.stderr)
-        return 130
+    """Exit 0 exported, 2 bad input, 3 not better (nothing exported), 1 a failure or a bug."""
+    return cli.run("haloae-retrain", _main, argv)
 
 
 if __name__ == "__main__":

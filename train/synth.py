@@ -20,7 +20,9 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from haloae import cli
 from haloae.synthetic import DEFECT_KINDS, sample
+from haloae.errors import UserError
 
 MARKER = "synth.json"
 _SPLIT_CODES = {"train": 0, "test": 1}
@@ -50,7 +52,7 @@ def generate(out: Path, seed: int, size: int = 256, train: int = 120, test_good:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
-            raise FileExistsError(f"{out} is not empty and was not written by haloae-synth; "
+            raise UserError(f"{out} is not empty and was not written by haloae-synth; "
                                   "choose an empty or new folder")
         for sub in ("train", "test", "ground_truth"):
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -84,7 +86,7 @@ def _positive(text: str) -> int:
     return v
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _main(argv: Optional[list[str]]) -> int:
     p = argparse.ArgumentParser(
         prog="haloae-synth",
         description="Write a deterministic synthetic MVTec-layout data set (brushed metal "
@@ -103,17 +105,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--test-good", type=_positive, default=30, help="test/good images (30)")
     p.add_argument("--test-per-kind", type=_positive, default=10,
                    help=f"defect images per kind ({', '.join(DEFECT_KINDS)}) (10)")
+    cli.add_version(p)
     args = p.parse_args(argv)
     if args.size < 32:
         p.error(f"--size {args.size}: use at least 32")
     try:
         generate(args.out, args.seed, args.size, args.train, args.test_good,
                  args.test_per_kind)
-    except (FileExistsError, OSError) as exc:
-        print(f"haloae-synth: error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:  # --out not writable, disk full: the user's to fix
+        raise UserError(f"{exc}; check that --out is writable and has space") from exc
     print(f"haloae-synth: wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run("haloae-synth", _main, argv)
 
 
 if __name__ == "__main__":

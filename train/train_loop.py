@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from haloae.errors import UserError
 from haloae.preprocess import scale_tensor
 
 from . import ddp
@@ -133,7 +134,7 @@ def _write_log(path: Path, row: dict) -> None:
                     for k in LOG_FIELDS})
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """The run folder does not fit the request (existing run without --resume, ...)."""
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, ClassVar
 import numpy as np
 from pydantic import Field, StrictInt, field_validator
 
+from haloae.errors import HaloaeError
 from haloae.validate import check_identifier, check_threshold, mqtt_text_problem
 
 from ..config_base import Strict
@@ -26,15 +27,15 @@ from haloae.zones import IgnoreZones, ZonesError, parse_zones
 Roi = Annotated[tuple[StrictInt, ...], Field(strict=False)]
 
 
-class SourceLost(Exception):
+class SourceLost(HaloaeError):
     """The source cannot be opened or read: reopen with backoff."""
 
 
-class SourceEnded(Exception):
+class SourceEnded(HaloaeError):
     """A finite source (file or folder without loop) reached its end."""
 
 
-class BadFrame(Exception):
+class BadFrame(HaloaeError):
     """One frame is unusable: skip it and count an error."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from haloae.errors import Failure
 from haloae import bundle as bundle_mod
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ UNAVAILABLE_HINT = (
     "build it at first start; the ONNX files are in the bundle")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(Failure, RuntimeError):
     """TensorRT or a CUDA GPU is missing on this machine."""
 
 
-class EngineError(RuntimeError):
+class EngineError(Failure, RuntimeError):
     """The engine build failed (the message carries the parser/builder errors)."""
 
 
