@@ -211,7 +211,7 @@ def _bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
     (foreign / "mine.txt").write_text("keep me")
     missing = str(tmp_path / "missing.yaml")
     return {
-        "haloae-train": (["--config", missing, "--data", "d", "--out", "o"], "missing.yaml not found"),
+        "haloae-train": (["--config", missing, "--data", "d", "--out", "o"], "missing.yaml' not found"),
         "haloae-eval": (["--checkpoint", str(tmp_path / "nope.pt"), "--data", "d", "--out", "o"], "nope.pt"),
         "haloae-export": (["--verify", str(tmp_path / "no-bundle")], "no-bundle"),
         "haloae-edge": (["--config", missing, "--validate-config"], "missing.yaml"),
