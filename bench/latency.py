@@ -6,7 +6,9 @@ random images: latency does not depend on the values) it exports bundles at batc
 model's FLOPs, the achieved GFLOP/s, and the machine's measured fp32 matmul GFLOP/s for scale.
 In the same run it times the PaDiM peer (bench/peers.py: the same backbone in PyTorch eager,
 100 channels, per-position Mahalanobis), the way the accuracy benchmark runs it, and writes
-HaloAE ONNX Runtime fp32 / PaDiM as a ratio. Writes JSON.
+HaloAE ONNX Runtime fp32 / PaDiM as a ratio. At batch 1 it also times the trunk alone (Block
+A exported by itself, ONNX Runtime fp32): the floor any head on these features pays, so the
+head's own cost (Block C + anomaly map) is the difference. Writes JSON.
 
     python bench/latency.py --checkpoint runs/mtd-edge/final.pt --threads 2 --out bench/results/latency.json
     python bench/latency.py --config edge --threads 2          # untrained weights, same graph
@@ -113,6 +115,29 @@ def ort_fn(bundle: Path, precision: str, threads: int):
     return load_backend(bundle, "onnxruntime", precision=precision, threads=threads, device="cpu").run
 
 
+def export_trunk(ckpt: Path, path: Path, hw: tuple[int, int]) -> Path:
+    """Block A alone (the frozen trunk, its resize, aggregation and standardisation) as ONNX:
+    the floor every head on these features pays, HaloAE and PaDiM alike."""
+    import torch
+
+    from haloae.train.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt)
+    torch.onnx.export(model.backbone.eval(), (torch.rand(1, 3, *hw),), str(path), opset_version=17,
+                      dynamo=True, verbose=False)
+    return path
+
+
+def trunk_fn(path: Path, threads: int):
+    import onnxruntime as ort
+
+    from haloae.runtime.backends.onnxruntime_backend import session_options
+
+    sess = ort.InferenceSession(str(path), session_options(ort, threads), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda a: sess.run(None, {name: a})
+
+
 def time_runtime(name: str, ckpt: str, bundle: str, batch: int, threads: int, warmup: int, iters: int,
                  hw: tuple[int, int]) -> dict:
     """Time one runtime (runs in its own process)."""
@@ -135,6 +160,8 @@ def time_runtime(name: str, ckpt: str, bundle: str, batch: int, threads: int, wa
         def fn(a):
             with torch.inference_mode():
                 return module(torch.from_numpy(a))
+    elif name == "trunk-onnxruntime-fp32":
+        fn = trunk_fn(Path(bundle) / "trunk.onnx", threads)
     else:
         fn = ort_fn(Path(bundle), "fp32" if name.endswith("fp32") else "fp16", threads)
     return timeit(fn, x, warmup, iters)
@@ -174,14 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     for batch in sorted({1, args.batch}):
         bundle = work / f"b{batch}"
         export_bundle(ckpt_path, bundle, fp16=True, batch=batch, samples=batch, threads=args.threads)
-        for name in ("torch-eager", "onnxruntime-fp32", "onnxruntime-fp16", "padim-torch-eager"):
+        names = ["torch-eager", "onnxruntime-fp32", "onnxruntime-fp16", "padim-torch-eager"]
+        if batch == 1:
+            export_trunk(ckpt_path, bundle / "trunk.onnx", hw)
+            names.append("trunk-onnxruntime-fp32")
+        for name in names:
             # each runtime in a fresh process: torch's OpenMP threads keep spinning after a
             # forward and slowed ONNX Runtime in the same process by ~1.8x on 2 cores
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                 r = pool.submit(time_runtime, name, str(ckpt_path), str(bundle), batch, args.threads,
                                 args.warmup, args.iters, hw).result()
             r["runtime"] = name
-            r["gflops_achieved"] = None if name.startswith("padim") else round(flops / 1e9 * r["fps"], 2)
+            r["gflops_achieved"] = None if name.startswith(("padim", "trunk")) else round(flops / 1e9 * r["fps"], 2)
             results["runs"].append(r)
             print(f"{name:18s} batch {batch}: median {r['median_ms']:.2f} ms/frame, p99 {r['p99_ms']:.2f}, "
                   f"{r['gflops_achieved']} GFLOP/s", flush=True)
@@ -190,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ms["onnxruntime-fp32"] / ms["padim-torch-eager"]
         results[f"haloae_ort_fp32_over_padim_batch{batch}"] = round(ratio, 3)
         print(f"batch {batch}: HaloAE ONNX Runtime fp32 / PaDiM = {ratio:.3f}", flush=True)
+        if "trunk-onnxruntime-fp32" in ms:
+            head = ms["onnxruntime-fp32"] - ms["trunk-onnxruntime-fp32"]
+            results[f"head_ms_batch{batch}"] = round(head, 2)
+            print(f"batch {batch}: trunk alone {ms['trunk-onnxruntime-fp32']:.2f} ms, HaloAE head "
+                  f"(Block C + map) {head:.2f} ms", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

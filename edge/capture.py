@@ -27,9 +27,10 @@ import threading
 import time
 from typing import Callable
 
-import cv2
 import numpy as np
 import zmq
+
+from haloae import preprocess
 
 from .config import ConfigError, HealthConfig
 from .frames import CameraStatus
@@ -82,7 +83,7 @@ def to_rgb(img: np.ndarray | None, is_rgb: bool, expected: tuple | None,
         if x + rw > w or y + rh > h:
             raise BadFrame(f"roi {list(roi)} does not fit in the {w}x{h} frame; fix cameras.*.roi")
         img = img[y: y + rh, x: x + rw]
-    return img if is_rgb else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img if is_rgb else preprocess.to_rgb(img)  # THE colour rule (haloae/preprocess.py)
 
 
 class CaptureWorker(threading.Thread):

@@ -25,6 +25,22 @@ log = logging.getLogger(__name__)
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def session_options(ort, threads: int):
+    """The session options every ONNX Runtime run of ours uses (the daemon, eval, parity and the
+    benchmarks' graphs): full graph optimisation, sequential, ``threads`` intra-op threads."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads  # 0 = ONNX Runtime's default (all physical cores)
+    so.inter_op_num_threads = 1
+    # No busy-waiting between ops: in the daemon the capture, publisher and network threads
+    # share the cores, and spinning intra-op threads take them away (MTD bundle, 2 cores,
+    # bench/pipeline.py: daemon 33.0 -> 42.2 frames/s, capture-to-publish p99 56 -> 36 ms).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3  # errors only: its warnings would flood the journal
+    return so
+
+
 def providers_for(device: str, available: list[str]) -> list[str]:
     """The execution providers for ``device`` (auto / cpu / cuda) among ``available``."""
     if device == "cpu":
@@ -50,16 +66,7 @@ class OnnxRuntimeBackend(Backend):
         if precision == "fp16" and path.name != MODEL_FP16:
             log.warning("the bundle has no %s: running the fp32 model", MODEL_FP16)
         providers = providers_for(options.device, ort.get_available_providers())
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads  # 0 = ONNX Runtime's default (all physical cores)
-        so.inter_op_num_threads = 1
-        # No busy-waiting between ops: in the daemon the capture, publisher and network threads
-        # share the cores, and spinning intra-op threads take them away (MTD bundle, 2 cores,
-        # bench/pipeline.py: daemon 33.0 -> 42.2 frames/s, capture-to-publish p99 56 -> 36 ms).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3  # errors only: its warnings would flood the journal
+        so = session_options(ort, threads)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
