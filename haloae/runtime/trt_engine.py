@@ -210,16 +210,21 @@ def _deserializes(trt: Any, engine_path: Path) -> bool:
     return runtime.deserialize_cuda_engine(Path(engine_path).read_bytes()) is not None
 
 
-def get_or_build_engine(bundle_dir: Path, cache_dir: Path | None = None, precision: str = "fp16",
+def get_or_build_engine(bundle: bundle_mod.Bundle | Path, cache_dir: Path | None = None, precision: str = "fp16",
                         workspace_mb: int = 1024, trt: Any = None) -> Path:
     """Path of a TensorRT engine for the bundle on this GPU: the cached one if valid, else built.
+
+    ``bundle``: an opened :class:`~haloae.bundle.Bundle` (already verified: its files are not
+    hashed again) or a bundle folder (verified here).
 
     What the edge daemon calls at first start. Raises ``TensorRTUnavailable`` without TensorRT /
     GPU, ``BundleError`` for a bad bundle and ``EngineError`` when the build fails.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    manifest = bundle_mod.verify_bundle(bundle_dir)
+    if not isinstance(bundle, bundle_mod.Bundle):
+        bundle = bundle_mod.Bundle.open(Path(bundle))
+    manifest = bundle.manifest
     trt = trt or import_tensorrt()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     expected = {"tensorrt_version": str(trt.__version__), "gpu_name": gpu_name(),
@@ -237,7 +242,7 @@ def get_or_build_engine(bundle_dir: Path, cache_dir: Path | None = None, precisi
             return engine_path
         log.warning("cached engine %s is stale (%s): rebuilding", engine_path,
                     "; ".join(problems) or "TensorRT cannot deserialize it")
-    onnx_path = bundle_mod.model_file(bundle_dir, manifest, precision)
+    onnx_path = bundle.model_file(precision)
     timing_id = cache_key("", expected["tensorrt_version"], expected["gpu_name"], "")[:16]
     timing = cache_dir / f"timing-{timing_id}.cache"  # shared by all bundles on this GPU + TRT
     log.info("building a %s TensorRT engine from %s (minutes on a Jetson)", precision, onnx_path)

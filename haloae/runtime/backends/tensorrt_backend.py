@@ -98,7 +98,7 @@ class TensorRTBackend(Backend):
         self.memory = memory or cuda_memory()
         if engine_path is None:
             try:
-                engine_path = trt_engine.get_or_build_engine(bundle.dir, options.engine_dir, precision, trt=trt)
+                engine_path = trt_engine.get_or_build_engine(bundle, options.engine_dir, precision, trt=trt)
             except trt_engine.TensorRTUnavailable as exc:
                 raise BackendUnavailable(str(exc)) from None
         logger = trt.Logger(trt.Logger.WARNING)
