@@ -121,7 +121,7 @@ def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = 
     bundle = Bundle.open(bundle_dir)
     runner = load_backend(bundle, backend, precision=precision, threads=_threads(threads), device=device)
     m = bundle.manifest
-    cal = {**m.threshold.calibration}
+    cal = m.threshold.calibration
     info = {"model": m.model.get("id"), "device": runner.description, "threads": _threads(threads),
             "file": str(getattr(runner, "path", bundle.model_file(precision))),
             "raw_image": m.threshold.raw_image, "raw_pixel": m.threshold.raw_pixel,
