@@ -26,7 +26,17 @@ refitted on the run's position half of the held-out images each time):
     python bench/levers.py checkpoint --run runs/mtd-edge --data ../shared/data/mtd \
         --gaussians 64:0.01,176:0.01,176:0.1 --sigmas 0,4,8 --out bench/results/levers-mtd-ckpt.json
 
-It prints and writes one row per form: image / pixel AUROC, AUPRO@0.3, per-class AUROC.
+``maps`` fuses a trained run's shipped map with other terms (the high-variance Gaussian
+directions, a coarse residual Gaussian, a fine stride-4 PaDiM term, PaDiM on the raw
+features) and tries subtracting part of each image's own background; its rows carry the
+per-class AUPRO that explains a pooled one:
+
+    python bench/levers.py maps --run runs/mtd-edge --data ../shared/data/mtd \
+        --out bench/results/levers-mtd-maps.json
+
+It prints and writes one row per form: image / pixel AUROC, AUPRO@0.3 (pooled and per class),
+per-class AUROC, and the share of the normal pixels of defective images that the map raises
+above the good images' 95th pixel percentile (`bench/accuracy.py` reports the same).
 Research tool: the numbers go to docs/benchmarks.md, the shipped model is configured in
 configs/model/edge.yaml.
 """
@@ -79,17 +89,20 @@ def _evaluate(name, grid, test, cfg, rows):
 
 
 def _row(name, maps, test, rows):
-    """One result row (image / pixel AUROC, AUPRO, per-class AUROC) of full-size ``maps``."""
-    from haloae.train import metrics
+    """One result row of full-size ``maps`` (image score: the map maximum): image / pixel AUROC,
+    AUPRO (pooled and per class), per-class AUROC and the raised-background figure, all from
+    `accuracy._metrics` (the accuracy table's own functions)."""
+    from types import SimpleNamespace
 
-    y, classes = np.array(test["labels"]), np.array(test["classes"])
-    s = maps.reshape(len(maps), -1).max(1)
-    r = {"form": name, "image_auroc": metrics.auroc(y, s),
-         "pixel_auroc": metrics.pixel_auroc(test["masks"], maps),
-         "aupro": metrics.aupro(test["masks"], maps, 0.3)}
-    for c in sorted(set(classes) - {"good"}):
-        sel = (classes == "good") | (classes == c)
-        r[c] = metrics.auroc(y[sel], s[sel])
+    from accuracy import _metrics
+
+    scored = SimpleNamespace(labels=np.asarray(test["labels"]), classes=list(test["classes"]),
+                             masks=test["masks"])
+    m = _metrics(scored, maps.reshape(len(maps), -1).max(1), maps, 0.05)
+    r = {"form": name, "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
+         "aupro": m["aupro"], **m["per_class"],
+         **{f"aupro_{c}": v for c, v in m["aupro_per_class"].items()},
+         "raised_background": m["defective_normal_pixels_above_good_q95"]}
     rows.append(r)
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v) for k, v in r.items()),
           flush=True)
@@ -107,12 +120,14 @@ def study(args) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    train, test = torch.load(args.cache / "train.pt"), torch.load(args.cache / "test.pt")
+    # our own cache (numpy masks inside): not a weights-only file
+    train = torch.load(args.cache / "train.pt", weights_only=False)
+    test = torch.load(args.cache / "test.pt", weights_only=False)
     d = load_model_config(train["model"]).to_dict()
     d["halo"].update(levels=args.levels, dim=args.dim, bottleneck_dim=args.bottleneck)
     from haloae.train.config import ModelCfg
     cfg = ModelCfg.from_dict(d)
-    k = cfg.backbone.aggregate
+    k = cfg.backbone.aggregate if args.aggregate is None else args.aggregate
 
     def agg(f):
         return F.avg_pool2d(f.float(), k, 1, k // 2, count_include_pad=False)
@@ -180,20 +195,21 @@ def study(args) -> int:
     return 0
 
 
-def checkpoint(args) -> int:
+def _run_features(args, raw_layers: bool = False):
+    """A trained run's model, the test set, and per split ("te" test, "po" the run's position
+    half of the held-out images, "tr" its training images) the Block C residuals [N, C, g, g]
+    (float16) and, with ``raw_layers``, the trunk's layer outputs at their own strides."""
     import torch
 
-    from haloae.train.anomaly_map import gaussian_blur_grid, upsample
     from haloae.train.checkpoint import load_checkpoint
     from haloae.train.data import find_mvtec_samples, find_train_samples, split_holdout
     from haloae.train.evaluate import _load
     from haloae.train.fit_stats import split_calibration
-    from haloae.train.position_gaussian import PositionGaussian
+    from tqdm import tqdm
 
-    torch.set_num_threads(args.threads)
     model, ckpt = load_checkpoint(args.run / "final.pt")
     model.eval()
-    cfg, hw = model.cfg, model.cfg.hw
+    bb, hw = model.backbone, model.cfg.hw
     tcfg = ckpt["train"]["config"]
     samples, _ = find_train_samples(args.data)
     train_s, hold_s = split_holdout(samples, tcfg["holdout_fraction"], tcfg["seed"])
@@ -203,35 +219,139 @@ def checkpoint(args) -> int:
     test = {"labels": [s.label for s in test_s], "classes": [s.defect_class for s in test_s],
             "masks": np.stack([m for _, m, _ in loaded])}
 
-    def residuals(xs):
-        out = []
-        for i in range(0, len(xs), 16):
+    def run(xs, desc):
+        res, raw = [], []
+        for i in tqdm(range(0, len(xs), 16), desc=desc, unit="batch", leave=False):
             x = torch.from_numpy(np.stack(xs[i:i + 16]))
             with torch.no_grad():
-                f = model.backbone(x)
-                out.append((f - model.autoencoder(f)).half())
-        return torch.cat(out)
+                layers = bb.trunk((x - bb.mean) / bb.std)
+                f = bb.aggregate(torch.cat([bb._resize(t) for t in layers], dim=1))
+                res.append((f - model.autoencoder(f)).half())
+                if raw_layers:
+                    raw.append([t.half() for t in layers])
+        return torch.cat(res), [torch.cat(t) for t in zip(*raw)]
 
-    print("residuals of the test, position-half and training images ...", flush=True)
-    r_te = residuals([x for x, _, _ in loaded])
-    r_po = residuals([_load(s, hw)[0] for s in pos_s])
-    r_tr = residuals([_load(s, hw)[0] for s in train_s])
+    splits = {"te": run([x for x, _, _ in loaded], "test"),
+              "po": run([_load(s, hw)[0] for s in pos_s], "position half"),
+              "tr": run([_load(s, hw)[0] for s in train_s], "training images")}
+    return model, test, splits
+
+
+def _fit_apply(train, apply_to, rank, eps, grid_hw):
+    """Fit a `PositionGaussian` (all channels, ``rank`` least-variance directions, 0 = all) on
+    ``train`` [N, C, gh, gw]; return its error maps of every tensor in ``apply_to``."""
+    import torch
+
+    from haloae.train.position_gaussian import PositionGaussian
+
+    g = PositionGaussian(train.shape[1], grid_hw, 0, rank, eps=eps)
+    g.fit([train[i:i + 64].float() for i in range(0, len(train), 64)])
+    with torch.no_grad():
+        return [torch.cat([g(x[i:i + 32].float()) for i in range(0, len(x), 32)])
+                for x in apply_to]
+
+
+def _posnorm(e_te, e_po, sigma, hw):
+    """Smooth (sigma in input pixels), then normalise per position with the position half."""
+    from haloae.train.anomaly_map import gaussian_blur_grid
+
+    def blur(e):
+        return gaussian_blur_grid(e, sigma * e.shape[-2] / hw[0]) if sigma > 0 else e
+
+    s_te, s_po = blur(e_te), blur(e_po)
+    m, sd = s_po.mean(0, keepdim=True), s_po.std(0, keepdim=True)
+    return (s_te - m) / sd.clamp_min(0.1 * float(sd.mean()))
+
+
+def checkpoint(args) -> int:
+    import torch
+
+    from haloae.train.anomaly_map import upsample
+
+    torch.set_num_threads(args.threads)
+    model, test, sp = _run_features(args)
+    cfg, hw = model.cfg, model.cfg.hw
     rows: list[dict] = []
     for spec in args.gaussians.split(","):
         rank, eps = int(spec.split(":")[0]), float(spec.split(":")[1])
-        g = PositionGaussian(r_tr.shape[1], cfg.backbone.grid_hw, 0, rank, eps=eps)
-        g.fit([r_tr[i:i + 64].float() for i in range(0, len(r_tr), 64)])
-        with torch.no_grad():
-            e_te = torch.cat([g(r_te[i:i + 32].float()) for i in range(0, len(r_te), 32)])
-            e_po = torch.cat([g(r_po[i:i + 32].float()) for i in range(0, len(r_po), 32)])
+        e_te, e_po = _fit_apply(sp["tr"][0], [sp["te"][0], sp["po"][0]], rank, eps,
+                                cfg.backbone.grid_hw)
         for sigma in [float(v) for v in args.sigmas.split(",")]:
-            blur = (lambda e: gaussian_blur_grid(e, sigma * e.shape[-2] / hw[0])) if sigma > 0 \
-                else (lambda e: e)
-            s_te, s_po = blur(e_te), blur(e_po)
-            m, sd = s_po.mean(0, keepdim=True), s_po.std(0, keepdim=True)
-            z = (s_te - m) / sd.clamp_min(0.1 * float(sd.mean()))
+            z = _posnorm(e_te, e_po, sigma, hw)
             _row(f"gauss-k{rank}-eps{eps:g}+pos sigma {sigma:g}", upsample(z, hw)[:, 0].numpy(),
                  test, rows)
+    return _write(args, rows)
+
+
+def maps(args) -> int:
+    """Map forms around the shipped one, each fused with it as (z + w * z_term) / (1 + w) of
+    position-normalised maps: the complementary (high-variance) Gaussian directions, a coarse
+    residual Gaussian (residuals average-pooled), a fine PaDiM term on the stride-4 trunk layer,
+    PaDiM on the raw multi-scale features, and the shipped map minus a share of its own image
+    background (the 25th percentile)."""
+    import torch
+    import torch.nn.functional as F
+
+    from haloae.train.anomaly_map import upsample
+
+    torch.set_num_threads(args.threads)
+    model, test, sp = _run_features(args, raw_layers=True)
+    cfg, hw, grid = model.cfg, model.cfg.hw, model.cfg.backbone.grid_hw
+    m, sigma, rows = cfg.map, cfg.map.sigma, []
+    ws = [float(v) for v in args.weights.split(",")]
+
+    def emit(name, z):
+        _row(name, upsample(z, hw)[:, 0].numpy(), test, rows)
+
+    def fused(name, z_term):
+        zt = F.interpolate(z_term, size=z.shape[-2:], mode="bilinear", align_corners=False) \
+            if z_term.shape[-2:] != z.shape[-2:] else z_term
+        for w in ws:
+            emit(f"shipped + {w:g} {name}", (z + w * zt) / (1 + w))
+
+    r_tr, r_te, r_po = sp["tr"][0], sp["te"][0], sp["po"][0]
+    lo_te, lo_po = _fit_apply(r_tr, [r_te, r_po], m.gaussian_rank, m.gaussian_eps, grid)
+    z = _posnorm(lo_te, lo_po, sigma, hw)
+    emit(f"shipped (k{m.gaussian_rank}, eps {m.gaussian_eps:g}, +pos)", z)
+    # the other directions: RMS over all C = mean of the two parts' squares, weighted by count
+    c, k = r_tr.shape[1], m.gaussian_rank
+    al_te, al_po = _fit_apply(r_tr, [r_te, r_po], 0, m.gaussian_eps, grid)
+    hi = [((c * a ** 2 - k * lo ** 2).clamp_min(0) / (c - k)).sqrt()
+          for a, lo in ((al_te, lo_te), (al_po, lo_po))]
+    fused(f"high-variance directions ({c - k})", _posnorm(*hi, sigma, hw))
+    for pool in (2, 4):
+        p = [F.avg_pool2d(r.float(), pool) for r in (r_tr, r_te, r_po)]
+        e = _fit_apply(p[0], p[1:], k, m.gaussian_eps, (grid[0] // pool, grid[1] // pool))
+        fused(f"coarse residual Gaussian (pool {pool})", _posnorm(*e, sigma, hw))
+
+    def fine(split):
+        f = sp[split][1][0].float()  # the stride-4 layer: PaDiM on its 3x3 average
+        return F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+
+    f_tr = fine("tr")
+    e = _fit_apply(f_tr, [fine("te"), fine("po")], 0, 0.01, tuple(f_tr.shape[-2:]))
+    zf = _posnorm(*e, sigma, hw)
+    zu = F.interpolate(z, size=zf.shape[-2:], mode="bilinear", align_corners=False)
+    for w in ws:
+        emit(f"shipped + {w:g} fine stride-4 PaDiM", (zu + w * zf) / (1 + w))
+    # PaDiM on the raw (unaggregated) multi-scale trunk features: a second, sharper error source
+    from peers import Padim
+
+    def raw(split):
+        return torch.cat([model.backbone._resize(t.float()) for t in sp[split][1]], dim=1)
+
+    r = {s_: raw(s_) for s_ in ("tr", "te", "po")}
+    mu, sd = r["tr"].mean((0, 2, 3), keepdim=True), r["tr"].std((0, 2, 3), keepdim=True)
+    padim = Padim(dims=100, seed=0).fit((r["tr"] - mu) / sd)
+    fused("PaDiM on raw features", _posnorm(*[padim.predict((r[s_] - mu) / sd) for s_ in ("te", "po")],
+                                             sigma, hw))
+    background = z.flatten(1).quantile(0.25, dim=1)[:, None, None, None]
+    for lam in (0.5, 1.0):
+        emit(f"shipped - {lam:g} x image background (q0.25)", z - lam * background)
+    return _write(args, rows)
+
+
+def _write(args, rows) -> int:
     out = {"args": {k: str(v) for k, v in vars(args).items() if k != "func"}, "rows": rows,
            "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--noise", type=float, default=0.0, help="Gaussian input noise (std units)")
     s.add_argument("--drop", type=float, default=0.0, help="input dropout")
     s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--aggregate", type=int, default=None,
+                   help="local average window of the features (default: the model config's)")
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--holdout", type=float, default=0.1)
     s.add_argument("--seed", type=int, default=0)
@@ -272,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--threads", type=int, default=2)
     k.add_argument("--out", type=Path, required=True)
     k.set_defaults(func=checkpoint)
+    f = sub.add_parser("maps", help="a trained run's map fused with other terms (per-class AUPRO)")
+    f.add_argument("--run", type=Path, required=True, help="training run folder (final.pt inside)")
+    f.add_argument("--data", type=Path, required=True)
+    f.add_argument("--weights", default="0.25,0.5,1", help="comma list of fusion weights w")
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--out", type=Path, required=True)
+    f.set_defaults(func=maps)
     args = p.parse_args(argv)
     return args.func(args)
 
