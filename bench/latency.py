@@ -30,7 +30,6 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -106,34 +105,25 @@ def ort_fn(bundle: Path, precision: str, threads: int):
     return load_backend(bundle, "onnxruntime", precision=precision, threads=threads, device="cpu").run
 
 
-def export_trunk(ckpt: Path, path: Path, hw: tuple[int, int]) -> Path:
-    """Block A alone (the frozen trunk, its resize, aggregation and standardisation) as ONNX:
-    the floor every head on these features pays, HaloAE and PaDiM alike."""
+def export_parts(ckpt: Path, folder: Path) -> list[str]:
+    """Parts of the model exported alone as ONNX, the checkpoint read once: ``trunk.onnx``
+    (Block A: the frozen trunk, its resize, aggregation and standardisation; the floor every
+    head on these features pays, HaloAE and PaDiM alike) and, when the model has one,
+    ``gaussian.onnx`` (the position-wise Gaussian, residual -> error grid: a memory-bound part
+    of the head, its projection buffer read once per frame). Returns the runtime names."""
     import torch
 
     from haloae.train.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(ckpt)
-    torch.onnx.export(model.backbone.eval(), (torch.rand(1, 3, *hw),), str(path), opset_version=17,
-                      dynamo=True, verbose=False)
-    return path
-
-
-def export_gaussian(ckpt: Path, path: Path) -> Optional[Path]:
-    """The position-wise Gaussian alone (residual -> error grid) as ONNX, or None when the model
-    has none (``map.error: mse``): a memory-bound part of the head (its projection buffer is
-    read once per frame)."""
-    import torch
-
-    from haloae.train.checkpoint import load_checkpoint
-
-    model, _ = load_checkpoint(ckpt)
-    if model.gaussian is None:
-        return None
-    x = torch.rand(1, model.backbone.out_channels, *model.cfg.backbone.grid_hw)
-    torch.onnx.export(model.gaussian.eval(), (x,), str(path), opset_version=17, dynamo=True,
-                      verbose=False)
-    return path
+    parts = [("trunk", model.backbone, torch.rand(1, 3, *model.cfg.hw))]
+    if model.gaussian is not None:
+        parts.append(("gaussian", model.gaussian,
+                      torch.rand(1, model.backbone.out_channels, *model.cfg.backbone.grid_hw)))
+    for name, module, x in parts:
+        torch.onnx.export(module.eval(), (x,), str(folder / f"{name}.onnx"), opset_version=17,
+                          dynamo=True, verbose=False)
+    return [f"{name}-onnxruntime-fp32" for name, _, _ in parts]
 
 
 def part_fn(path: Path, threads: int, own_input: bool = False):
@@ -276,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         export_bundle(ckpt_path, bundle, fp16=True, batch=batch, samples=batch, threads=args.threads)
         names = ["torch-eager", "onnxruntime-fp32", "onnxruntime-fp16", "padim-torch-eager"]
         if batch == 1:
-            export_trunk(ckpt_path, bundle / "trunk.onnx", hw)
-            names.append("trunk-onnxruntime-fp32")
-            if export_gaussian(ckpt_path, bundle / "gaussian.onnx") is not None:
-                names.append("gaussian-onnxruntime-fp32")
+            names += export_parts(ckpt_path, bundle)
         print(f"batch {batch}: {len(names)} runtimes, {args.rounds} interleaved rounds of "
               f"{args.iters} calls each ...", flush=True)
         timed = time_interleaved(names, str(ckpt_path), str(bundle), batch, args, hw)

@@ -169,9 +169,8 @@ def study(args) -> int:
     r_tr, r_ho, r_te = tr - rec(tr), ho - rec(ho), te - rec(te)
     rows: list[dict] = []
 
-    def posnorm(e_ho, e_te):
-        m, s = e_ho.mean(0, keepdim=True), e_ho.std(0, keepdim=True)
-        return (e_te - m) / s.clamp_min(0.1 * float(s.mean()))
+    def posnorm(e_ho, e_te):  # before the smoothing `_evaluate` applies
+        return _posnorm(e_te, e_ho, 0, cfg.hw)
 
     mse_cfg = cfg.map.model_copy(update={"error": "mse"})
     mse = lambda f, r: error_map(f, f - r, mse_cfg)  # noqa: E731
@@ -224,8 +223,8 @@ def _run_features(args, raw_layers: bool = False):
         for i in tqdm(range(0, len(xs), 16), desc=desc, unit="batch", leave=False):
             x = torch.from_numpy(np.stack(xs[i:i + 16]))
             with torch.no_grad():
-                layers = bb.trunk((x - bb.mean) / bb.std)
-                f = bb.aggregate(torch.cat([bb._resize(t) for t in layers], dim=1))
+                layers = bb.layers(x)
+                f = bb.aggregate(bb.stack(layers))
                 res.append((f - model.autoencoder(f)).half())
                 if raw_layers:
                     raw.append([t.half() for t in layers])
@@ -252,15 +251,18 @@ def _fit_apply(train, apply_to, rank, eps, grid_hw):
 
 
 def _posnorm(e_te, e_po, sigma, hw):
-    """Smooth (sigma in input pixels), then normalise per position with the position half."""
+    """Smooth (sigma in input pixels), then normalise per position with the statistics of
+    ``e_po`` (the position half), through the model's own `Calibration` module."""
     from haloae.train.anomaly_map import gaussian_blur_grid
+    from haloae.train.calibration import Calibration
 
     def blur(e):
         return gaussian_blur_grid(e, sigma * e.shape[-2] / hw[0]) if sigma > 0 else e
 
     s_te, s_po = blur(e_te), blur(e_po)
-    m, sd = s_po.mean(0, keepdim=True), s_po.std(0, keepdim=True)
-    return (s_te - m) / sd.clamp_min(0.1 * float(sd.mean()))
+    cal = Calibration(tuple(s_po.shape[-2:]))
+    cal.set_position_stats(s_po.mean(0)[0], s_po.std(0)[0])
+    return cal.position_normalize(s_te)
 
 
 def checkpoint(args) -> int:
@@ -338,7 +340,7 @@ def maps(args) -> int:
     from peers import Padim
 
     def raw(split):
-        return torch.cat([model.backbone._resize(t.float()) for t in sp[split][1]], dim=1)
+        return model.backbone.stack([t.float() for t in sp[split][1]])
 
     r = {s_: raw(s_) for s_ in ("tr", "te", "po")}
     mu, sd = r["tr"].mean((0, 2, 3), keepdim=True), r["tr"].std((0, 2, 3), keepdim=True)

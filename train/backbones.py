@@ -265,11 +265,18 @@ class FeatureExtractor(nn.Module):
             return F.avg_pool2d(f, h // gh)
         return F.interpolate(f, size=(gh, gw), mode="bilinear", align_corners=False)
 
+    def layers(self, x01: torch.Tensor) -> list[torch.Tensor]:
+        """The requested trunk layers at their own strides (input normalised first)."""
+        return self.trunk((x01 - self.mean) / self.std)
+
+    def stack(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """Layers resized to the grid and concatenated: [N, C, gh, gw]."""
+        return torch.cat([self._resize(f) for f in layers], dim=1)
+
     def multiscale(self, x01: torch.Tensor) -> torch.Tensor:
         """Every requested layer resized to the grid and concatenated: [N, C, gh, gw]
         (no aggregation, no standardisation; what the benchmark's peer methods start from)."""
-        x = (x01 - self.mean) / self.std
-        return torch.cat([self._resize(f) for f in self.trunk(x)], dim=1)
+        return self.stack(self.layers(x01))
 
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-channel statistics [C] of aggregated training features (used when
