@@ -6,12 +6,15 @@ SAME frozen trunk, and writes every metric as HaloAE / best-peer ratio, per defe
 with each method's recall at HaloAE's false-positive rate on the good test images (the rate its
 shipped threshold gives). Peers use their papers' feature processing: PaDiM the raw
 multi-scale features (no aggregation), PatchCore 3x3 zero-padded local averaging; both train
-on ALL good training images (HaloAE holds some out for calibration).
+on ALL good training images (HaloAE holds some out for calibration). By default the peers see
+the image as it comes; ``--peer-input model`` passes it through HaloAE's input brightness
+normalisation first (``backbone.brightness``), so the lever can be credited to the peers too.
 
     python bench/accuracy.py --data ../shared/data/mtd --config configs/train/mtd-edge.yaml \\
         --run runs/mtd-edge --threads 2 --out bench/results/accuracy-mtd.json
     python bench/accuracy.py --data ../shared/data/mtd --run runs/mtd-edge --no-train   # evaluate only
     python bench/accuracy.py --data DIR --run RUN --no-train --peers padim --coreset 4096  # quicker
+    python bench/accuracy.py --data DIR --run RUN --no-train --peer-input model  # peers on our input
 
 Writes OUT (json) and OUT with .md (the table). Any MVTec-layout folder works as --data.
 """
@@ -40,8 +43,9 @@ def _train(args) -> float:
     return time.monotonic() - t0
 
 
-def _features(model, samples, hw, batch=16, desc="features"):
-    """Trunk features (no aggregation) of ``samples``: [N, C, gh, gw] float32 CPU tensor."""
+def _features(model, samples, hw, brightness: bool, batch=16, desc="features"):
+    """Trunk features (no aggregation) of ``samples``: [N, C, gh, gw] float32 CPU tensor; with
+    ``brightness`` through the model's input brightness normalisation (`backbone.brightness`)."""
     import torch
     from tqdm import tqdm
 
@@ -51,7 +55,7 @@ def _features(model, samples, hw, batch=16, desc="features"):
     with torch.inference_mode():
         for lo in tqdm(range(0, len(samples), batch), desc=desc, unit="batch", leave=False):
             x = np.stack([to_model_input(read_image(s.path), hw) for s in samples[lo:lo + batch]])
-            out.append(model.backbone.multiscale(torch.from_numpy(x)).float())
+            out.append(model.backbone.multiscale(torch.from_numpy(x), brightness).float())
     return torch.cat(out)
 
 
@@ -129,8 +133,9 @@ def _table(res: dict) -> str:
     lines.append("| **HaloAE / best peer** | " + " | ".join(
         [*[f"{r[c]:.3f}" for c in cols], *[f"{r['per_class'][c]:.3f}" for c in classes],
          f"{r['recall']:.3f}", ""]) + " |")
-    lines += ["", f"Best peer per metric: {best}. HaloAE at or above the best peer on every "
-              f"metric: **{res['haloae_at_or_above_best_peer']}**."]
+    lines += ["", f"Peer input: {res.get('peer_input', 'raw')}. Best peer per metric: {best}. "
+              f"HaloAE at or above the best peer on every metric: "
+              f"**{res['haloae_at_or_above_best_peer']}**."]
     # localisation per class: AUPRO on the good + one class images, and how much of the
     # normal area of defective images the map raises (it counts against the pooled AUPRO)
     lines += ["", "| method | pooled AUPRO | " + " | ".join(f"{c} AUPRO" for c in classes)
@@ -155,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default="padim,patchcore", help="comma list (padim,patchcore)")
     parser.add_argument("--padim-dims", type=int, default=100)
     parser.add_argument("--coreset", type=int, default=16384, help="PatchCore coreset size")
+    parser.add_argument("--peer-input", choices=("raw", "model"), default="raw",
+                        help="raw: the peers see the image as it comes (their published form); "
+                             "model: through HaloAE's input brightness normalisation too "
+                             "(backbone.brightness), to see what that lever gives them")
     parser.add_argument("--out", type=Path, default=Path("bench/results/accuracy.json"))
     args = parser.parse_args(argv)
 
@@ -186,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model, _ = load_checkpoint(ckpt_path)
     cfg = model.cfg
-    tr = _features(model, find_mvtec_samples(args.data, "train"), cfg.hw, desc="peer train features")
-    te = _features(model, find_mvtec_samples(args.data, "test"), cfg.hw, desc="peer test features")
+    same = args.peer_input == "model"
+    tr = _features(model, find_mvtec_samples(args.data, "train"), cfg.hw, same, desc="peer train features")
+    te = _features(model, find_mvtec_samples(args.data, "test"), cfg.hw, same, desc="peer test features")
+    res["peer_input"] = args.peer_input
     for name in [p.strip() for p in args.peers.split(",") if p.strip()]:
         print(f"fitting {name} ...", flush=True)
         s, mp, fit_s, ms = _peer_maps(name, tr, te, args, cfg)

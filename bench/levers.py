@@ -26,6 +26,13 @@ refitted on the run's position half of the held-out images each time):
     python bench/levers.py checkpoint --run runs/mtd-edge --data ../shared/data/mtd \
         --gaussians 64:0.01,176:0.01,176:0.1 --sigmas 0,4,8 --out bench/results/levers-mtd-ckpt.json
 
+``inputs`` re-scores a trained run with each image normalised before the model (gain,
+standardised, flat-field, gamma; its Block C as trained, Gaussian and position statistics
+refitted on the transformed images):
+
+    python bench/levers.py inputs --run runs/mtd-edge --data ../shared/data/mtd \
+        --out bench/results/levers-mtd-inputs.json
+
 ``maps`` fuses a trained run's shipped map with other terms (the high-variance Gaussian
 directions, a coarse residual Gaussian, a fine stride-4 PaDiM term, PaDiM on the raw
 features) and tries subtracting part of each image's own background; its rows carry the
@@ -194,10 +201,11 @@ def study(args) -> int:
     return 0
 
 
-def _run_features(args, raw_layers: bool = False):
+def _run_features(args, raw_layers: bool = False, transform=None):
     """A trained run's model, the test set, and per split ("te" test, "po" the run's position
     half of the held-out images, "tr" its training images) the Block C residuals [N, C, g, g]
-    (float16) and, with ``raw_layers``, the trunk's layer outputs at their own strides."""
+    (float16) and, with ``raw_layers``, the trunk's layer outputs at their own strides.
+    ``transform`` (model input [3, H, W] in [0, 1] -> the same) is applied to every image first."""
     import torch
 
     from haloae.train.checkpoint import load_checkpoint
@@ -221,7 +229,8 @@ def _run_features(args, raw_layers: bool = False):
     def run(xs, desc):
         res, raw = [], []
         for i in tqdm(range(0, len(xs), 16), desc=desc, unit="batch", leave=False):
-            x = torch.from_numpy(np.stack(xs[i:i + 16]))
+            batch = xs[i:i + 16] if transform is None else [transform(x) for x in xs[i:i + 16]]
+            x = torch.from_numpy(np.stack(batch).astype(np.float32))
             with torch.no_grad():
                 layers = bb.layers(x)
                 f = bb.aggregate(bb.stack(layers))
@@ -316,11 +325,13 @@ def maps(args) -> int:
     z = _posnorm(lo_te, lo_po, sigma, hw)
     emit(f"shipped (k{m.gaussian_rank}, eps {m.gaussian_eps:g}, +pos)", z)
     # the other directions: RMS over all C = mean of the two parts' squares, weighted by count
-    c, k = r_tr.shape[1], m.gaussian_rank
-    al_te, al_po = _fit_apply(r_tr, [r_te, r_po], 0, m.gaussian_eps, grid)
-    hi = [((c * a ** 2 - k * lo ** 2).clamp_min(0) / (c - k)).sqrt()
-          for a, lo in ((al_te, lo_te), (al_po, lo_po))]
-    fused(f"high-variance directions ({c - k})", _posnorm(*hi, sigma, hw))
+    c = r_tr.shape[1]
+    k = min(m.gaussian_rank or c, c)
+    if k < c:  # a full Gaussian (rank 0) has no other directions
+        al_te, al_po = _fit_apply(r_tr, [r_te, r_po], 0, m.gaussian_eps, grid)
+        hi = [((c * a ** 2 - k * lo ** 2).clamp_min(0) / (c - k)).sqrt()
+              for a, lo in ((al_te, lo_te), (al_po, lo_po))]
+        fused(f"high-variance directions ({c - k})", _posnorm(*hi, sigma, hw))
     for pool in (2, 4):
         p = [F.avg_pool2d(r.float(), pool) for r in (r_tr, r_te, r_po)]
         e = _fit_apply(p[0], p[1:], k, m.gaussian_eps, (grid[0] // pool, grid[1] // pool))
@@ -350,6 +361,45 @@ def maps(args) -> int:
     background = z.flatten(1).quantile(0.25, dim=1)[:, None, None, None]
     for lam in (0.5, 1.0):
         emit(f"shipped - {lam:g} x image background (q0.25)", z - lam * background)
+    return _write(args, rows)
+
+
+# per-image input normalisations of the `inputs` subcommand (lever row 27), on model inputs
+# [3, H, W] in [0, 1]; targets: MTD's median training image (mean 107, std 29 grey levels)
+_MEAN, _STD = 107 / 255, 29 / 255
+INPUT_FORMS = {
+    "none": lambda x: x,
+    "gain": lambda x: np.clip(x * (_MEAN / max(float(x.mean()), 1e-3)), 0, 1),
+    "standard": lambda x: np.clip((x - x.mean()) / max(float(x.std()), 1e-3) * _STD + _MEAN, 0, 1),
+    "flat": lambda x: np.clip(x / (_blur(x.mean(0), 32) + 1e-3)[None] * _MEAN, 0, 1),
+    "gamma": lambda x: np.clip(x, 1e-4, 1) ** (np.log(_MEAN) / np.log(max(float(x.mean()), 1e-3))),
+}
+
+
+def _blur(grey, sigma):
+    import cv2
+
+    return cv2.GaussianBlur(grey, (0, 0), sigma)
+
+
+def inputs(args) -> int:
+    """Each input form applied to every image before a trained run's model (its Block C as
+    trained), the shipped Gaussian and position statistics refitted on the transformed images."""
+    import torch
+
+    from haloae.train.anomaly_map import upsample
+
+    torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    for name in args.forms.split(","):
+        if name not in INPUT_FORMS:
+            raise SystemExit(f"unknown input form {name!r}: choose from {', '.join(INPUT_FORMS)}")
+        model, test, sp = _run_features(args, transform=INPUT_FORMS[name])
+        m, hw = model.cfg.map, model.cfg.hw
+        e_te, e_po = _fit_apply(sp["tr"][0], [sp["te"][0], sp["po"][0]], m.gaussian_rank,
+                                m.gaussian_eps, model.cfg.backbone.grid_hw)
+        _row(f"input {name}", upsample(_posnorm(e_te, e_po, m.sigma, hw), hw)[:, 0].numpy(),
+             test, rows)
     return _write(args, rows)
 
 
@@ -403,6 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--out", type=Path, required=True)
     f.set_defaults(func=maps)
+    i = sub.add_parser("inputs", help="a trained run re-scored with per-image input normalisations")
+    i.add_argument("--run", type=Path, required=True, help="training run folder (final.pt inside)")
+    i.add_argument("--data", type=Path, required=True)
+    i.add_argument("--forms", default="none,gain,standard,flat,gamma",
+                   help=f"comma list of: {', '.join(INPUT_FORMS)}")
+    i.add_argument("--threads", type=int, default=2)
+    i.add_argument("--out", type=Path, required=True)
+    i.set_defaults(func=inputs)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -222,6 +222,9 @@ def _strict_load(module: nn.Module, sd: dict[str, torch.Tensor], path: str) -> N
     _LOG.info("loaded %d backbone tensors from %s", len(sd), path)
 
 
+BRIGHTNESS_TARGET = 0.45  # mean input of a "gain"-normalised image: ImageNet's mean grey
+
+
 class FeatureExtractor(nn.Module):
     """Frozen Block A: RGB [0, 1] [N, 3, H, W] -> aggregated features [N, C, gh, gw].
 
@@ -265,18 +268,30 @@ class FeatureExtractor(nn.Module):
             return F.avg_pool2d(f, h // gh)
         return F.interpolate(f, size=(gh, gw), mode="bilinear", align_corners=False)
 
-    def layers(self, x01: torch.Tensor) -> list[torch.Tensor]:
-        """The requested trunk layers at their own strides (input normalised first)."""
+    def normalize_brightness(self, x01: torch.Tensor) -> torch.Tensor:
+        """``cfg.brightness == "gain"``: each image [3, H, W] scaled so its mean is
+        `BRIGHTNESS_TARGET`, clipped to [0, 1] (ReduceMean, Div, Mul, Clip in the graph)."""
+        if self.cfg.brightness == "none":
+            return x01
+        mean = x01.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)  # N, 1, 1, 1
+        return (x01 * (BRIGHTNESS_TARGET / mean)).clamp(0.0, 1.0)
+
+    def layers(self, x01: torch.Tensor, brightness: bool = True) -> list[torch.Tensor]:
+        """The requested trunk layers at their own strides: the input's brightness normalised
+        (`normalize_brightness`; skipped with ``brightness=False``), then the trunk's mean / std."""
+        if brightness:
+            x01 = self.normalize_brightness(x01)
         return self.trunk((x01 - self.mean) / self.std)
 
     def stack(self, layers: list[torch.Tensor]) -> torch.Tensor:
         """Layers resized to the grid and concatenated: [N, C, gh, gw]."""
         return torch.cat([self._resize(f) for f in layers], dim=1)
 
-    def multiscale(self, x01: torch.Tensor) -> torch.Tensor:
+    def multiscale(self, x01: torch.Tensor, brightness: bool = True) -> torch.Tensor:
         """Every requested layer resized to the grid and concatenated: [N, C, gh, gw]
-        (no aggregation, no standardisation; what the benchmark's peer methods start from)."""
-        return self.stack(self.layers(x01))
+        (no aggregation, no standardisation; what the benchmark's peer methods start from, with
+        or without the model's brightness normalisation)."""
+        return self.stack(self.layers(x01, brightness))
 
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-channel statistics [C] of aggregated training features (used when

@@ -106,6 +106,11 @@ class BackboneCfg(Cfg):
     aggregate: int = Field(3, ge=1, description="local average aggregation kernel (stride 1, same size); 1 = none")
     standardize: bool = Field(
         False, description="per-channel (x - mean) / std with training statistics, in the graph")
+    brightness: Literal["none", "gain"] = Field(
+        "none", description="input brightness normalisation, in the graph: gain = every image scaled so its "
+                            "mean is 0.45 (ImageNet's mean grey), clipped to [0, 1], before the trunk: the "
+                            "model ignores exposure and lighting-gain changes (and with them a part that is "
+                            "only uniformly darker or brighter); none = the image as it comes")
 
     @property
     def grid_hw(self) -> tuple[int, int]:

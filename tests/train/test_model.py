@@ -8,7 +8,7 @@ import yaml
 
 from haloae.errors import UserError
 from haloae.train.anomaly_map import error_map, image_score, smooth, upsample
-from haloae.train.backbones import BackboneWeightsError, VGG19Features
+from haloae.train.backbones import BRIGHTNESS_TARGET, BackboneWeightsError, VGG19Features
 from haloae.train.config import ConfigError, MapCfg, ModelCfg, available_model_configs, load_model_config
 from haloae.train.fit_stats import fit_gaussian, fit_standardization
 from haloae.train.inference import HaloAEInference, raw_outputs
@@ -115,6 +115,30 @@ def test_pretrained_false_skips_weights():
     trained = create_model(load_model_config("tiny"))
     model.load_state_dict(trained.state_dict())  # a checkpoint restores the backbone too
     assert torch.equal(model.backbone.trunk._conv_stem.weight, sd["_conv_stem.weight"])
+
+
+def _tiny_backbone(brightness: str):
+    d = load_model_config("tiny").to_dict()
+    d["backbone"]["brightness"] = brightness
+    return create_model(ModelCfg.from_dict(d)).backbone
+
+
+def test_brightness_gain_makes_the_features_blind_to_exposure():
+    """backbone.brightness: gain. The same part at 60 % exposure gives the same features; without
+    the normalisation (brightness: none, or brightness=False for the peers) they differ."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 128, 128) * 0.5  # means ~0.25: no pixel clips at either exposure
+    gain, none = _tiny_backbone("gain"), _tiny_backbone("none")
+    with torch.no_grad():
+        assert torch.allclose(gain.multiscale(x), gain.multiscale(0.6 * x), atol=1e-4)
+        assert not torch.allclose(none.multiscale(x), none.multiscale(0.6 * x), atol=1e-2)
+        assert torch.equal(gain.multiscale(x, brightness=False), none.multiscale(x))
+    y = gain.normalize_brightness(x)
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), torch.full((2,), BRIGHTNESS_TARGET), atol=1e-5)
+    bright = gain.normalize_brightness(torch.rand(1, 3, 32, 32) * 0.2 + 0.05)  # gain ~3: clips
+    assert float(bright.max()) <= 1.0 and float(bright.min()) >= 0.0
+    black = gain.normalize_brightness(torch.zeros(1, 3, 32, 32))  # no division by zero
+    assert torch.isfinite(black).all()
 
 
 @pytest.mark.parametrize("name", ["edge", "tiny", "paper"])
