@@ -20,7 +20,7 @@ functions (`error_map`, `smooth`, `upsample`, `PositionGaussian`):
 - ``padim-agg`` / ``padim-raw``: PaDiM on the same aggregated / raw features (reference rows).
 
 ``checkpoint`` takes a trained run instead (its Block C, its held-out split) and re-scores the
-test set post hoc with other Gaussian ranks / eps and smoothing sigmas (position statistics
+test set post hoc with other Gaussian ranks / eps / cells and smoothing sigmas (position statistics
 refitted on the run's position half of the held-out images each time):
 
     python bench/levers.py checkpoint --run runs/mtd-edge --data ../shared/data/mtd \
@@ -245,14 +245,15 @@ def _run_features(args, raw_layers: bool = False, transform=None):
     return model, test, splits
 
 
-def _fit_apply(train, apply_to, rank, eps, grid_hw):
-    """Fit a `PositionGaussian` (all channels, ``rank`` least-variance directions, 0 = all) on
-    ``train`` [N, C, gh, gw]; return its error maps of every tensor in ``apply_to``."""
+def _fit_apply(train, apply_to, rank, eps, grid_hw, share=1):
+    """Fit a `PositionGaussian` (all channels, ``rank`` least-variance directions, 0 = all, one
+    covariance per ``share`` x ``share`` cell) on ``train`` [N, C, gh, gw]; return its error maps
+    of every tensor in ``apply_to``."""
     import torch
 
     from haloae.train.position_gaussian import PositionGaussian
 
-    g = PositionGaussian(train.shape[1], grid_hw, 0, rank, eps=eps)
+    g = PositionGaussian(train.shape[1], grid_hw, 0, rank, eps=eps, share=share)
     g.fit([train[i:i + 64].float() for i in range(0, len(train), 64)])
     with torch.no_grad():
         return [torch.cat([g(x[i:i + 32].float()) for i in range(0, len(x), 32)])
@@ -284,12 +285,15 @@ def checkpoint(args) -> int:
     cfg, hw = model.cfg, model.cfg.hw
     rows: list[dict] = []
     for spec in args.gaussians.split(","):
-        rank, eps = int(spec.split(":")[0]), float(spec.split(":")[1])
+        parts = spec.split(":")
+        rank, eps = int(parts[0]), float(parts[1])
+        share = int(parts[2]) if len(parts) > 2 else 1
         e_te, e_po = _fit_apply(sp["tr"][0], [sp["te"][0], sp["po"][0]], rank, eps,
-                                cfg.backbone.grid_hw)
+                                cfg.backbone.grid_hw, share)
+        cell = f"-share{share}" if share > 1 else ""
         for sigma in [float(v) for v in args.sigmas.split(",")]:
             z = _posnorm(e_te, e_po, sigma, hw)
-            _row(f"gauss-k{rank}-eps{eps:g}+pos sigma {sigma:g}", upsample(z, hw)[:, 0].numpy(),
+            _row(f"gauss-k{rank}-eps{eps:g}{cell}+pos sigma {sigma:g}", upsample(z, hw)[:, 0].numpy(),
                  test, rows)
     return _write(args, rows)
 
@@ -448,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         return r
 
     k = run_parser("checkpoint", "re-score a trained run with other Gaussian ranks / sigmas", checkpoint)
-    k.add_argument("--gaussians", default="64:0.01,176:0.01", help="comma list of rank:eps")
+    k.add_argument("--gaussians", default="64:0.01,176:0.01",
+                   help="comma list of rank:eps[:share] (share: one covariance per s x s cell)")
     k.add_argument("--sigmas", default="4", help="comma list of smoothing sigmas (input pixels)")
     f = run_parser("maps", "a trained run's map fused with other terms (per-class AUPRO)", maps)
     f.add_argument("--weights", default="0.25,0.5,1", help="comma list of fusion weights w")

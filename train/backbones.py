@@ -222,7 +222,9 @@ def _strict_load(module: nn.Module, sd: dict[str, torch.Tensor], path: str) -> N
     _LOG.info("loaded %d backbone tensors from %s", len(sd), path)
 
 
-BRIGHTNESS_TARGET = 0.45  # mean input of a "gain"-normalised image: ImageNet's mean grey
+# Target mean of a "gain"-normalised image before `fit_brightness` sets it from the training
+# images (ImageNet's mean grey); also the fixed target of checkpoints written before it was fitted.
+BRIGHTNESS_TARGET = 0.45
 
 
 class FeatureExtractor(nn.Module):
@@ -254,11 +256,17 @@ class FeatureExtractor(nn.Module):
         c = self.out_channels
         self.register_buffer("feat_mean", torch.zeros(1, c, 1, 1))
         self.register_buffer("feat_std", torch.ones(1, c, 1, 1))
+        self.register_buffer("brightness_target", torch.tensor(BRIGHTNESS_TARGET))
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)  # always frozen: BN statistics never move
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the target was fitted normalised to the fixed one
+        state_dict.setdefault(prefix + "brightness_target", torch.tensor(BRIGHTNESS_TARGET))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _resize(self, f: torch.Tensor) -> torch.Tensor:
         (gh, gw), (h, w) = self.cfg.grid_hw, f.shape[-2:]
@@ -270,11 +278,20 @@ class FeatureExtractor(nn.Module):
 
     def normalize_brightness(self, x01: torch.Tensor) -> torch.Tensor:
         """``cfg.brightness == "gain"``: each image [3, H, W] scaled so its mean is
-        `BRIGHTNESS_TARGET`, clipped to [0, 1] (ReduceMean, Div, Mul, Clip in the graph)."""
+        ``brightness_target`` (the training images' median mean, `fit_brightness`), clipped to
+        [0, 1] (ReduceMean, Div, Mul, Clip in the graph). An image lit like the training set
+        passes almost unchanged; only a change of lighting gain is undone."""
         if self.cfg.brightness == "none":
             return x01
         mean = x01.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)  # N, 1, 1, 1
-        return (x01 * (BRIGHTNESS_TARGET / mean)).clamp(0.0, 1.0)
+        return (x01 * (self.brightness_target / mean)).clamp(0.0, 1.0)
+
+    def set_brightness_target(self, value: float) -> None:
+        """The mean every image is scaled to (``cfg.brightness == "gain"``), in (0, 1)."""
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"brightness target {value:.4g}: the training images' mean must lie "
+                             "in (0, 1); are they all black or all white?")
+        self.brightness_target.fill_(float(value))
 
     def layers(self, x01: torch.Tensor, brightness: bool = True) -> list[torch.Tensor]:
         """The requested trunk layers at their own strides: the input's brightness normalised

@@ -108,7 +108,8 @@ class BackboneCfg(Cfg):
         False, description="per-channel (x - mean) / std with training statistics, in the graph")
     brightness: Literal["none", "gain"] = Field(
         "none", description="input brightness normalisation, in the graph: gain = every image scaled so its "
-                            "mean is 0.45 (ImageNet's mean grey), clipped to [0, 1], before the trunk: the "
+                            "mean is the training images' median mean brightness (fitted before training; gain 1 for an image lit like "
+                            "them), clipped to [0, 1], before the trunk: the "
                             "model ignores exposure and lighting-gain changes (and with them a part that is "
                             "only uniformly darker or brighter); none = the image as it comes")
 
@@ -146,6 +147,8 @@ class MapCfg(Cfg):
     gaussian_channels: int = Field(0, ge=0, description="gaussian: channels used (a fixed random subset); 0 = all")
     gaussian_rank: int = Field(0, ge=0, description="gaussian: least-variance directions kept per position; 0 = all")
     gaussian_eps: float = Field(0.01, gt=0, description="gaussian: covariance regulariser (features are standardised)")
+    gaussian_share: int = Field(1, ge=1, description="gaussian: one covariance per s x s cell of neighbouring "
+                                                     "positions (the mean stays per position); s must divide the grid")
     position_norm: bool = Field(
         False, description="divide the grid error map by per-position mean / std of held-out normal maps before "
                            "the image score is taken (part of the calibration; half of the held-out images set it)")
@@ -220,6 +223,9 @@ class ModelCfg(Cfg):
         m = self.map
         if m.score == "topk" and not 1 <= m.topk <= H * W:
             raise ConfigError(f"map.topk={m.topk}: use 1 .. height * width of the input")
+        if m.error == "gaussian" and (gh % m.gaussian_share or gw % m.gaussian_share):
+            raise ConfigError(f"map.gaussian_share={m.gaussian_share} does not divide the grid "
+                              f"{gh}x{gw}: use 1 or a divisor of both sides")
         if m.gaussian_channels and m.gaussian_rank > m.gaussian_channels:
             raise ConfigError(f"map.gaussian_rank={m.gaussian_rank} > map.gaussian_channels="
                               f"{m.gaussian_channels}: keep at most as many directions as "

@@ -1,5 +1,9 @@
 """Statistics a HaloAE run fits besides its weights (train_loop.py calls these in order).
 
+0. `fit_brightness` (before everything, ``backbone.brightness: gain``): the mean every image
+   is scaled to = the training images' median mean brightness, so a dark object on black and a
+   bright web both keep the exposure the trunk sees on the line, and only changes of lighting
+   gain are undone.
 1. `fit_standardization` (before training, ``backbone.standardize``): per-channel mean / std
    of the aggregated Block A features of the training images -> Block A's buffers, so Block C
    reconstructs standardised features and no channel group dominates the error by its scale.
@@ -40,6 +44,22 @@ def _feature_batches(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
         else:
             with torch.no_grad():
                 yield model.extract(scale_tensor(images[i: i + batch].to(device)))
+
+
+@torch.no_grad()
+def fit_brightness(model: HaloAE, images: torch.Tensor, batch: int = 64) -> Optional[float]:
+    """Set Block A's brightness target from the training images (uint8 [N, 3, H, W]): the
+    median of their mean brightness; returns it (None unless ``backbone.brightness: gain``).
+    Call it before any feature is computed: every feature depends on it."""
+    if model.cfg.backbone.brightness != "gain":
+        return None
+    means = torch.cat([scale_tensor(images[i: i + batch]).mean(dim=(1, 2, 3))
+                       for i in range(0, images.shape[0], batch)])
+    target = float(means.median())
+    model.backbone.set_brightness_target(target)
+    _LOG.info("brightness target %.3f: the median mean of %d training images (%.3f .. %.3f)",
+              target, images.shape[0], float(means.min()), float(means.max()))
+    return target
 
 
 @torch.no_grad()
@@ -116,6 +136,7 @@ def fit_for_timing(model: HaloAE, n: int = 6, seed: int = 0) -> dict:
     images = (torch.rand(n, 3, h, w, generator=gen) * 255).to(torch.uint8)
     cpu = torch.device("cpu")
     model.eval()
+    fit_brightness(model, images)
     fit_standardization(model, images, None, cpu)
     fit_gaussian(model, images, None, cpu)
     held = [torch.rand(2, 3, h, w, generator=gen) for _ in range(2)]

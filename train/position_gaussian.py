@@ -13,10 +13,17 @@ these carry the anomaly signal; they also make the head cheaper): with the eigen
 
     e(p) = sqrt( mean_{j < rank} ((r_p - mu_p) . v_j)^2 / l_j ).
 
+``share`` s > 1 pools the covariance over s x s neighbouring positions (the mean stays per
+position): the s^2 positions of a cell share one whitening, estimated from s^2 times as many
+samples, and the projection holds s^2 times fewer weights. At batch 1 the projection is read
+once per frame, so its bytes are what the Gaussian costs on a CPU. On MTD 2x2 cells cost crack
+and pixel AUROC (docs/benchmarks.md, lever row 31: the covariance is local), so the shipped
+configs keep 1.
+
 All statistics are registered buffers (checkpoint state dict and exported graph). Export:
-Gather (channel subset), Reshape, Transpose, Sub, batched MatMul [P, N, d] x [P, d, k], Mul,
-ReduceSum, Sqrt - static shapes, TensorRT-common. The projection is pre-scaled so that the
-sum of squares stays far below the fp16 maximum.
+Gather (channel subset), Reshape, Transpose, Sub, batched MatMul [P/s^2, s^2 N, d] x
+[P/s^2, d, k], Mul, ReduceSum, Sqrt - static shapes, TensorRT-common. The projection is
+pre-scaled so that the sum of squares stays far below the fp16 maximum.
 """
 from __future__ import annotations
 
@@ -38,11 +45,15 @@ class PositionGaussian(nn.Module):
     """Residual [N, C, gh, gw] -> error [N, 1, gh, gw] (see module doc); `fit` it first."""
 
     def __init__(self, channels: int, grid_hw: tuple[int, int], dims: int = 0, rank: int = 0,
-                 eps: float = 0.01, seed: int = 0) -> None:
+                 eps: float = 0.01, seed: int = 0, share: int = 1) -> None:
         super().__init__()
         d = channels if dims <= 0 else min(dims, channels)
         k = d if rank <= 0 else min(rank, d)
+        if share < 1 or grid_hw[0] % share or grid_hw[1] % share:
+            raise ValueError(f"position-wise Gaussian: share={share} must divide the grid "
+                             f"{grid_hw[0]}x{grid_hw[1]}; use 1 or a divisor of both sides")
         self.grid_hw, self.channels, self.dims, self.rank, self.eps = grid_hw, channels, d, k, eps
+        self.share = share
         p = grid_hw[0] * grid_hw[1]
         gen = torch.Generator().manual_seed(seed)
         index = torch.arange(channels) if d == channels else \
@@ -50,14 +61,14 @@ class PositionGaussian(nn.Module):
         self.subset = d != channels
         self.register_buffer("index", index)
         self.register_buffer("mean", torch.zeros(p, 1, d))
-        self.register_buffer("proj", torch.zeros(p, d, k))
+        self.register_buffer("proj", torch.zeros(p // share ** 2, d, k))  # one per cell
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @classmethod
     def for_config(cls, channels: int, cfg: ModelCfg) -> "PositionGaussian":
         m = cfg.map
         return cls(channels, cfg.backbone.grid_hw, m.gaussian_channels, m.gaussian_rank,
-                   m.gaussian_eps)
+                   m.gaussian_eps, share=m.gaussian_share)
 
     def _positions(self, r: torch.Tensor) -> torch.Tensor:
         """[N, C, gh, gw] -> [P, N, d] (the channel subset at every position)."""
@@ -65,6 +76,13 @@ class PositionGaussian(nn.Module):
             r = r.index_select(1, self.index)  # N, d, gh, gw
         n = r.shape[0]
         return r.reshape(n, self.dims, -1).permute(2, 0, 1)  # P, N, d
+
+    def _cells(self, x: torch.Tensor) -> torch.Tensor:
+        """[P, ..., d] (positions row-major) -> [P / s^2, s^2, ..., d]: the s x s cells."""
+        s, (gh, gw) = self.share, self.grid_hw
+        rest = x.shape[1:]
+        x = x.reshape(gh // s, s, gw // s, s, *rest).transpose(1, 2)  # gh/s, gw/s, s, s, ...
+        return x.reshape(gh * gw // s ** 2, s * s, *rest)
 
     @torch.no_grad()
     def fit(self, residuals: Iterable[torch.Tensor]) -> dict:
@@ -79,8 +97,15 @@ class PositionGaussian(nn.Module):
             n += x.shape[1]
         if n < 2:
             raise CalibrationError(f"the position-wise Gaussian needs at least 2 normal images, got {n}")
+        if n * self.share ** 2 <= self.dims:
+            _LOG.warning("position-wise Gaussian: %d training images for %d feature channels per "
+                         "position: its covariance is singular and only eps=%g regularises it, so "
+                         "expect a weaker map (docs/training.md, how many images); train on more "
+                         "good images", n, self.dims, self.eps)
         mean = s1 / n  # P, d
-        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)  # P, d, d
+        if self.share > 1:  # pooled within-position covariance of every s x s cell
+            cov = self._cells(cov).mean(1)  # P / s^2, d, d
         cov += self.eps * torch.eye(self.dims, dtype=cov.dtype)
         evals, evecs = torch.linalg.eigh(cov)  # ascending: the least-variance directions first
         evals, evecs = evals[:, : self.rank], evecs[:, :, : self.rank]
@@ -90,7 +115,7 @@ class PositionGaussian(nn.Module):
         self.proj.copy_(proj.float())
         self.fitted.fill_(True)
         total = torch.diagonal(cov, dim1=1, dim2=2).sum(1)
-        info = {"images": n, "dims": self.dims, "rank": self.rank,
+        info = {"images": n, "dims": self.dims, "rank": self.rank, "share": self.share,
                 "min_eigenvalue": float(evals[:, 0].min()),
                 "kept_variance": float((evals.sum(1) / total).mean())}
         _LOG.info("position-wise Gaussian on %d normal images: %d of %d channels, %d least-"
@@ -101,9 +126,16 @@ class PositionGaussian(nn.Module):
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         n = residual.shape[0]
         x = self._positions(residual) - self.mean  # P, N, d
-        z = torch.matmul(x, self.proj)  # P, N, k (scaled whitened coordinates)
-        e = z.pow(2).sum(dim=2).sqrt() * FP16_SCALE  # P, N: RMS Mahalanobis over k directions
-        return e.transpose(0, 1).reshape(n, 1, *self.grid_hw)  # N, 1, gh, gw
+        if self.share == 1:
+            z = torch.matmul(x, self.proj)  # P, N, k (scaled whitened coordinates)
+            e = z.pow(2).sum(dim=2).sqrt() * FP16_SCALE  # P, N: RMS Mahalanobis over k directions
+            return e.transpose(0, 1).reshape(n, 1, *self.grid_hw)  # N, 1, gh, gw
+        s, (gh, gw) = self.share, self.grid_hw
+        x = self._cells(x).reshape(-1, s * s * n, self.dims)  # P/s^2, s^2 N, d
+        z = torch.matmul(x, self.proj)  # P/s^2, s^2 N, k: each cell's one projection
+        e = z.pow(2).sum(dim=2).sqrt() * FP16_SCALE  # P/s^2, s^2 N
+        e = e.reshape(gh // s, gw // s, s, s, n).permute(4, 0, 2, 1, 3)  # N, gh/s, s, gw/s, s
+        return e.reshape(n, 1, gh, gw)
 
 
 def check_fitted(gaussian: Optional[PositionGaussian], source: str) -> None:

@@ -36,7 +36,7 @@ from .calibrate import calibrate
 from .checkpoint import read_checkpoint, save_checkpoint
 from .cutpaste import augment_batch
 from .data import DataError, ImageDataset, find_train_samples, load_images, split_holdout
-from .fit_stats import fit_gaussian, fit_standardization, split_calibration
+from .fit_stats import fit_brightness, fit_gaussian, fit_standardization, split_calibration
 from .loss import haloae_loss, loss_weights
 from .torch_model import HaloAE, create_model
 from .train_config import TrainCfg, resolve_model_config
@@ -195,6 +195,8 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
     images = load_images(train_s, model_cfg.hw, progress)  # uint8 [N, 3, H, W] on CPU
     if info.device.type == "cuda":
         images = images.pin_memory()
+    if state is None:  # before any feature: every feature depends on it
+        fit_brightness(model, images)
     cache = _feature_cache(model, images, cfg, info.device, progress)
     if state is None:  # resumed runs load the statistics with the weights
         cache = fit_standardization(model, images, cache, info.device, cfg.calib_batch_size,
@@ -298,9 +300,17 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
     if info.is_main:
         gauss = fit_gaussian(model, images, cache, info.device, cfg.calib_batch_size, progress)
         final = _finish(model, cfg, hold_s or train_s, out, info,
-                        lambda: {**train_info(cfg.epochs), "gaussian": gauss}, progress)
+                        lambda: {**train_info(cfg.epochs), "gaussian": gauss,
+                                 "brightness_target": _brightness_target(model)}, progress)
     ddp.barrier(info)
     return final, model
+
+
+def _brightness_target(model: HaloAE) -> Optional[float]:
+    """The mean every image is scaled to (``backbone.brightness: gain``), for the run record."""
+    if model.cfg.backbone.brightness != "gain":
+        return None
+    return round(float(model.backbone.brightness_target), 4)
 
 
 def _loader(samples, model: HaloAE, cfg: TrainCfg, desc: str, progress: bool):

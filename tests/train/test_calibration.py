@@ -102,6 +102,41 @@ def test_position_gaussian_matches_naive_reference(rank):
     np.testing.assert_allclose(g(test)[:, 0].numpy(), want, rtol=1e-4, atol=1e-5)
 
 
+def test_position_gaussian_shared_cells_pool_the_covariance_and_keep_the_mean():
+    """share=2: each 2x2 cell whitens with the mean of its positions' covariances, around each
+    position's own mean; the map keeps the grid's row-major layout."""
+    gen = torch.Generator().manual_seed(2)
+    res = torch.randn(30, 5, 4, 6, generator=gen) * torch.linspace(0.5, 2, 6)  # spread varies by column
+    res = res + torch.arange(24.0).reshape(1, 1, 4, 6)  # a different mean at every position
+    test = torch.randn(3, 5, 4, 6, generator=gen) * 2
+    g = PositionGaussian(5, (4, 6), eps=0.01, share=2)
+    assert g.fit([res])["share"] == 2 and tuple(g.proj.shape) == (6, 5, 5)
+    r, t = res.double().numpy(), test.double().numpy()
+    want = np.zeros((3, 4, 6))
+    for ci in range(2):
+        for cj in range(3):
+            cells = [(i, j) for i in (2 * ci, 2 * ci + 1) for j in (2 * cj, 2 * cj + 1)]
+            cov = np.mean([np.cov(r[:, :, i, j], rowvar=False) for i, j in cells], axis=0)
+            prec = np.linalg.inv(cov + 0.01 * np.eye(5))
+            for i, j in cells:
+                x = t[:, :, i, j] - r[:, :, i, j].mean(0)
+                want[:, i, j] = np.sqrt(np.einsum("nd,de,ne->n", x, prec, x) / 5)
+    np.testing.assert_allclose(g(test)[:, 0].numpy(), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="share=4 must divide the grid 4x6"):
+        PositionGaussian(5, (4, 6), share=4)
+
+
+def test_position_gaussian_warns_when_images_are_fewer_than_channels(caplog):
+    g = PositionGaussian(8, (2, 2))
+    with caplog.at_level("WARNING", logger="haloae.train.position_gaussian"):
+        g.fit([torch.randn(6, 8, 2, 2)])
+    assert "6 training images for 8 feature channels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="haloae.train.position_gaussian"):
+        PositionGaussian(8, (2, 2)).fit([torch.randn(20, 8, 2, 2)])
+    assert caplog.text == ""
+
+
 def test_position_gaussian_channel_subset_is_fixed_and_sorted():
     a, b = PositionGaussian(20, (2, 2), dims=8), PositionGaussian(20, (2, 2), dims=8)
     assert torch.equal(a.index, b.index) and len(a.index) == 8

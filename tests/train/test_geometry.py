@@ -14,11 +14,12 @@ from haloae.train.inference import HaloAEInference
 from haloae.train.torch_model import create_model
 
 
-def _wide_cfg(**halo) -> ModelCfg:
+def _wide_cfg(share: int = 1, **halo) -> ModelCfg:
     d = load_model_config("tiny").to_dict()
     d["input_size"] = [64, 128]
     d["backbone"]["grid"] = [8, 16]
     d["image_decoder_widths"] = [16, 8, 8]
+    d["map"]["gaussian_share"] = share
     d["halo"].update(halo)
     return ModelCfg.from_dict(d)
 
@@ -33,6 +34,8 @@ def test_config_checks_name_the_problem():
     d["backbone"]["grid"] = [8, 8]  # stride 8 on one axis, 16 on the other
     with pytest.raises(ConfigError, match="same integer multiple"):
         ModelCfg.from_dict(d)
+    with pytest.raises(ConfigError, match="gaussian_share=3 does not divide the grid 8x16"):
+        _wide_cfg(share=3)
     d["input_size"] = [64, "x"]
     with pytest.raises(ConfigError, match="input_size"):
         ModelCfg.from_dict(d)
@@ -64,9 +67,10 @@ def test_read_mask_takes_height_and_width(tmp_path):
     assert out.shape == (10, 20) and out[:, 15].all() and not out[:, 5].any()
 
 
-def test_wide_model_end_to_end_and_onnx_parity(tmp_path, fit_untrained):
+@pytest.mark.parametrize("share", [1, 2])  # 2: the Gaussian's 2x2 cells on a non-square grid
+def test_wide_model_end_to_end_and_onnx_parity(tmp_path, fit_untrained, share):
     torch.manual_seed(0)
-    model = create_model(_wide_cfg())
+    model = create_model(_wide_cfg(share))
     fit_untrained(model)
     x = torch.rand(2, 3, 64, 128)
     out = model(x)

@@ -10,7 +10,7 @@ from haloae.errors import UserError
 from haloae.train.anomaly_map import error_map, image_score, smooth, upsample
 from haloae.train.backbones import BRIGHTNESS_TARGET, BackboneWeightsError, VGG19Features
 from haloae.train.config import ConfigError, MapCfg, ModelCfg, available_model_configs, load_model_config
-from haloae.train.fit_stats import fit_gaussian, fit_standardization
+from haloae.train.fit_stats import fit_brightness, fit_gaussian, fit_standardization
 from haloae.train.inference import HaloAEInference, raw_outputs
 from haloae.train.torch_model import create_model
 
@@ -139,6 +139,35 @@ def test_brightness_gain_makes_the_features_blind_to_exposure():
     assert float(bright.max()) <= 1.0 and float(bright.min()) >= 0.0
     black = gain.normalize_brightness(torch.zeros(1, 3, 32, 32))  # no division by zero
     assert torch.isfinite(black).all()
+
+
+def test_brightness_target_is_fitted_from_the_training_images_and_old_checkpoints_keep_theirs():
+    """fit_brightness: the target is the training images' median mean, so an image lit like them
+    passes unchanged; it rides in the state dict, and a state dict from before it was fitted
+    loads with the fixed target those checkpoints used."""
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny"))
+    means = torch.tensor([0.10, 0.14, 0.18, 0.30, 0.12])  # a dark part on black
+    images = (torch.rand(5, 3, 128, 128) * 2 * means.reshape(5, 1, 1, 1) * 255).round().to(torch.uint8)
+    target = fit_brightness(model, images)
+    want = float((images.float() / 255).mean(dim=(1, 2, 3)).median())
+    assert target == pytest.approx(want, abs=1e-6) and abs(target - 0.14) < 0.01
+    bb = model.backbone
+    x = images[1:2].float() / 255  # the median image (mean 0.14): gain 1, nothing clips
+    assert torch.allclose(bb.normalize_brightness(x), x, atol=1e-5)
+    assert torch.allclose(bb.normalize_brightness(0.5 * x).mean(), torch.tensor(target), atol=1e-4)
+    sd = model.state_dict()
+    again = create_model(load_model_config("tiny"), pretrained=False)
+    again.load_state_dict(sd)
+    assert float(again.backbone.brightness_target) == pytest.approx(target)
+    del sd["backbone.brightness_target"]  # written before the target was fitted
+    again.load_state_dict(sd, strict=True)
+    assert float(again.backbone.brightness_target) == pytest.approx(BRIGHTNESS_TARGET)
+    none = create_model(load_model_config("tiny").model_copy(
+        update={"backbone": load_model_config("tiny").backbone.model_copy(update={"brightness": "none"})}))
+    assert fit_brightness(none, images) is None
+    with pytest.raises(ValueError, match="all black or all white"):
+        bb.set_brightness_target(0.0)
 
 
 @pytest.mark.parametrize("name", ["edge", "tiny", "paper"])

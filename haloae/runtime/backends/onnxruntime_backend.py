@@ -73,7 +73,9 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(f"onnxruntime cannot load {path}: {exc}") from None
         self.device = self.session.get_providers()[0]
         if precision == "fp16" and self.device == "CPUExecutionProvider":
-            log.warning("fp16 on the CPU provider is usually slower than fp32: set model.precision: fp32")
+            log.warning("running the fp16 graph on the CPU provider: on a CPU it is usually slower than "
+                        "fp32 (fp16 is for TensorRT and CUDA); a daemon on this machine should use "
+                        "model.precision: fp32")
         self.input_name = manifest.input.name
         self.output_names = [manifest.score.name, manifest.anomaly_map.name]
         self.input_shape = tuple(manifest.input.shape)
