@@ -125,15 +125,11 @@ class PositionGaussian(nn.Module):
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         n = residual.shape[0]
-        x = self._positions(residual) - self.mean  # P, N, d
-        if self.share == 1:
-            z = torch.matmul(x, self.proj)  # P, N, k (scaled whitened coordinates)
-            e = z.pow(2).sum(dim=2).sqrt() * FP16_SCALE  # P, N: RMS Mahalanobis over k directions
-            return e.transpose(0, 1).reshape(n, 1, *self.grid_hw)  # N, 1, gh, gw
         s, (gh, gw) = self.share, self.grid_hw
-        x = self._cells(x).reshape(-1, s * s * n, self.dims)  # P/s^2, s^2 N, d
-        z = torch.matmul(x, self.proj)  # P/s^2, s^2 N, k: each cell's one projection
-        e = z.pow(2).sum(dim=2).sqrt() * FP16_SCALE  # P/s^2, s^2 N
+        x = self._positions(residual) - self.mean  # P, N, d
+        x = self._cells(x).reshape(-1, s * s * n, self.dims)  # P/s^2, s^2 N, d (s = 1: P, N, d)
+        z = torch.matmul(x, self.proj)  # P/s^2, s^2 N, k: scaled whitened coordinates
+        e = z.pow(2).sum(dim=2).sqrt() * FP16_SCALE  # RMS Mahalanobis over k directions
         e = e.reshape(gh // s, gw // s, s, s, n).permute(4, 0, 2, 1, 3)  # N, gh/s, s, gw/s, s
         return e.reshape(n, 1, gh, gw)
 
