@@ -21,7 +21,7 @@ functions (`error_map`, `smooth`, `upsample`, `PositionGaussian`):
 
 ``checkpoint`` takes a trained run instead (its Block C, its held-out split) and re-scores the
 test set post hoc with other Gaussian ranks / eps / cells and smoothing sigmas (position statistics
-refitted on the run's position half of the held-out images each time):
+refitted on the run's held-out images each time):
 
     python bench/levers.py checkpoint --run runs/mtd-edge --data ../shared/data/mtd \
         --gaussians 64:0.01,176:0.01,176:0.1 --sigmas 0,4,8 --out bench/results/levers-mtd-ckpt.json
@@ -202,8 +202,8 @@ def study(args) -> int:
 
 
 def _run_features(args, raw_layers: bool = False, transform=None):
-    """A trained run's model, the test set, and per split ("te" test, "po" the run's position
-    half of the held-out images, "tr" its training images) the Block C residuals [N, C, g, g]
+    """A trained run's model, the test set, and per split ("te" test, "po" the run's held-out
+    images, which set the position statistics, "tr" its training images) the Block C residuals [N, C, g, g]
     (float16) and, with ``raw_layers``, the trunk's layer outputs at their own strides.
     ``transform`` (model input [3, H, W] in [0, 1] -> the same) is applied to every image first."""
     import torch
@@ -211,7 +211,6 @@ def _run_features(args, raw_layers: bool = False, transform=None):
     from haloae.train.checkpoint import load_checkpoint
     from haloae.train.data import find_mvtec_samples, find_train_samples, split_holdout
     from haloae.train.evaluate import _load
-    from haloae.train.fit_stats import split_calibration
     from tqdm import tqdm
 
     model, ckpt = load_checkpoint(args.run / "final.pt")
@@ -219,8 +218,7 @@ def _run_features(args, raw_layers: bool = False, transform=None):
     bb, hw = model.backbone, model.cfg.hw
     tcfg = ckpt["train"]["config"]
     samples, _ = find_train_samples(args.data)
-    train_s, hold_s = split_holdout(samples, tcfg["holdout_fraction"], tcfg["seed"])
-    pos_s, _ = split_calibration(hold_s, True, tcfg["seed"])
+    train_s, pos_s = split_holdout(samples, tcfg["holdout_fraction"], tcfg["seed"])
     test_s = find_mvtec_samples(args.data, "test")
     loaded = [_load(s, hw) for s in test_s]
     test = {"labels": [s.label for s in test_s], "classes": [s.defect_class for s in test_s],
@@ -240,7 +238,7 @@ def _run_features(args, raw_layers: bool = False, transform=None):
         return torch.cat(res), [torch.cat(t) for t in zip(*raw)]
 
     splits = {"te": run([x for x, _, _ in loaded], "test"),
-              "po": run([_load(s, hw)[0] for s in pos_s], "position half"),
+              "po": run([_load(s, hw)[0] for s in pos_s], "held-out images"),
               "tr": run([_load(s, hw)[0] for s in train_s], "training images")}
     return model, test, splits
 
@@ -262,7 +260,7 @@ def _fit_apply(train, apply_to, rank, eps, grid_hw, share=1):
 
 def _posnorm(e_te, e_po, sigma, hw):
     """Smooth (sigma in input pixels), then normalise per position with the statistics of
-    ``e_po`` (the position half), through the model's own `Calibration` module."""
+    ``e_po`` (the held-out images), through the model's own `Calibration` module."""
     from haloae.train.anomaly_map import gaussian_blur_grid
     from haloae.train.calibration import Calibration
 

@@ -100,7 +100,8 @@ def _threshold_section(calibration: dict[str, Any], model) -> dict[str, Any]:
     """The manifest's threshold block: raw values from the model's calibration buffers (what
     the graph divides by), how they were set from the checkpoint's calibration record."""
     keys = ("method", "quantile", "pixel_quantile", "promised_false_positive_rate",
-            "threshold_images", "images_needed", "reliable", "normal_scores")
+            "threshold_images", "held_out_images", "out_of_fold_images", "images_needed",
+            "reliable", "normal_scores")
     return {**model.calibration.thresholds(), **{k: calibration[k] for k in keys if k in calibration}}
 
 

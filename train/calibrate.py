@@ -1,13 +1,21 @@
-"""Calibration of HaloAE outputs on held-out normal images (fills `calibration.Calibration`).
+"""Calibration of HaloAE outputs on normal images the model never fitted (fills
+`calibration.Calibration`).
 
-Every statistic here comes from normal images the model never trained on:
-
-1. with ``map.position_norm``, the first part of the held-out images sets the per-position
-   mean / std of the smoothed grid error map (`fit_position_stats`);
-2. the rest sets the thresholds: the image threshold is a quantile of their raw image scores,
-   the pixel threshold a quantile of all their raw map pixels (e.g. 0.95 and 0.999: about
-   5 % of normal parts flagged, 0.1 % of normal pixels), but never below the image threshold:
-   with the image score the map's maximum, a region then always means a part judged defective.
+1. with ``map.position_norm``, every held-out image's smoothed grid error map sets the
+   per-position mean / std (the shipped statistics); for the thresholds, each held-out image
+   is scored with statistics of the OTHER held-out images (``folds`` seeded folds), so no
+   threshold score is measured on the statistics it set, and every held-out image does both
+   jobs;
+2. the thresholds: the image threshold is a quantile of the raw image scores, the pixel
+   threshold a quantile of all held-out map pixels (e.g. 0.95 and 0.999: about 5 % of normal
+   parts flagged, 0.1 % of normal pixels), but never below the image threshold: with the image
+   score the map's maximum, a region then always means a part judged defective;
+3. ``out_of_fold`` (``map.error: gaussian``, `fit_stats.out_of_fold_maps`): the training
+   images' maps, each under a Gaussian fitted without it, scored with the shipped position
+   statistics. The image threshold is then the larger of the held-out quantile and the
+   quantile of held-out and out-of-fold scores pooled: the pool gives the tail quantile many
+   more images (on MTD 569 instead of 142), the held-out quantile keeps it honest where Block C
+   overfits its training images (their scores then fall, and the pool could only lower it).
 
 A quantile threshold promises a false-positive rate of ``1 - quantile`` only when enough
 normal images lie above it: `min_normals` (at least 50, and 3 above the threshold). With fewer
@@ -52,9 +60,11 @@ def score_stats(scores: np.ndarray) -> dict[str, float]:
 
 
 def thresholds_from_scores(raw_image_scores: np.ndarray, raw_pixels: Optional[np.ndarray],
-                           image_quantile: float = 0.99,
-                           pixel_quantile: float = 0.999) -> dict[str, Any]:
-    """Calibration dict (docs/architecture.md) from raw scores / map pixels of NORMAL images.
+                           image_quantile: float = 0.99, pixel_quantile: float = 0.999,
+                           out_of_fold_scores: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Calibration dict (docs/architecture.md) from raw scores / map pixels of HELD-OUT normal
+    images, and optionally the raw scores of more normal images scored out of fold (module
+    doc, step 3: the image threshold is then max(held-out quantile, pooled quantile)).
 
     ``raw_pixels`` may be any shape (flattened) or None (pixel threshold = image threshold).
     """
@@ -63,10 +73,20 @@ def thresholds_from_scores(raw_image_scores: np.ndarray, raw_pixels: Optional[np
             raise ValueError(f"{name}={q}: use a quantile in (0, 1]")
     scores = np.asarray(raw_image_scores, dtype=np.float64).ravel()
     stats = score_stats(scores)
-    if not np.all(np.isfinite(scores)):
+    oof = np.asarray(out_of_fold_scores if out_of_fold_scores is not None else [],
+                     dtype=np.float64).ravel()
+    if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(oof))):
         raise CalibrationError("non-finite image scores: the model diverged (NaN/inf); retrain with "
                          "a lower lr")
-    image_thr = max(float(np.quantile(scores, image_quantile)), MIN_THRESHOLD)
+    held_thr = float(np.quantile(scores, image_quantile))
+    pooled: dict[str, Any] = {}
+    image_thr = held_thr
+    if oof.size:
+        pooled_thr = float(np.quantile(np.concatenate([scores, oof]), image_quantile))
+        image_thr = max(held_thr, pooled_thr)
+        pooled = {"held_out_threshold": held_thr, "pooled_threshold": pooled_thr,
+                  "out_of_fold_images": int(oof.size), "out_of_fold_scores": score_stats(oof)}
+    image_thr = max(image_thr, MIN_THRESHOLD)
     if raw_pixels is None:
         pixel_thr = image_thr
     else:
@@ -78,12 +98,13 @@ def thresholds_from_scores(raw_image_scores: np.ndarray, raw_pixels: Optional[np
     # ok (and grow every region into normal texture). The floor keeps "region => defect".
     pixel_thr = max(pixel_thr, image_thr)
     need = min_normals(image_quantile)
+    n = int(scores.size + oof.size)
     return {"raw_image": image_thr, "raw_pixel": pixel_thr,
             "pixel_quantile_threshold": pixel_quantile_thr, "method": "quantile",
             "quantile": float(image_quantile), "pixel_quantile": float(pixel_quantile),
             "promised_false_positive_rate": float(1.0 - image_quantile),
-            "threshold_images": int(scores.size), "images_needed": need,
-            "reliable": bool(scores.size >= need), "normal_scores": stats}
+            "threshold_images": n, "held_out_images": int(scores.size), **pooled,
+            "images_needed": need, "reliable": bool(n >= need), "normal_scores": stats}
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -112,58 +133,70 @@ def _grid_maps(model: torch.nn.Module, loader: Iterable, device: Any) -> torch.T
     return torch.cat(out)
 
 
-def fit_position_stats(model: torch.nn.Module, loader: Iterable, device: Any = "cpu"
-                       ) -> dict[str, Any]:
-    """Per-position mean / std of held-out normal grid maps into ``model.calibration``."""
-    maps = _grid_maps(model, loader, device)
-    if maps.shape[0] < 2:
-        raise CalibrationError("map.position_norm needs at least 2 held-out normal images for its "
-                         "statistics; hold out more (holdout_fraction)")
-    mean, std = maps.mean(dim=0)[0], maps.std(dim=0)[0]
-    model.calibration.set_position_stats(mean, std)
-    _LOG.info("position-wise map statistics from %d held-out normal images", maps.shape[0])
-    return {"images": int(maps.shape[0])}
-
-
-def collect_raw(model: torch.nn.Module, loader: Iterable, device: Any) -> tuple[np.ndarray,
-                                                                                np.ndarray]:
-    """Raw image scores [N] and map pixels [N, H, W] (float32) of every batch of ``loader``
-    (batches: image tensors [B, 3, H, W] in [0, 1], or `data.ImageDataset` dicts)."""
-    maps = _grid_maps(model, loader, device)
-    scores, pixels = [], []
+def _finish_maps(model: torch.nn.Module, maps: torch.Tensor, device: Any,
+                 pixels: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Raw image scores [N] and (with ``pixels``) map pixels [N, H, W] of grid maps, under the
+    model's current position statistics."""
+    scores, out = [], []
     with torch.inference_mode():
         for lo in range(0, maps.shape[0], 16):
             s, m = finish_map(model, maps[lo:lo + 16].to(device))
             scores.append(s.float().cpu().numpy())
-            pixels.append(m[:, 0].float().cpu().numpy())
-    return np.concatenate(scores), np.concatenate(pixels)
+            if pixels:
+                out.append(m[:, 0].float().cpu().numpy())
+    return np.concatenate(scores), (np.concatenate(out) if pixels else None)
+
+
+def _set_position_stats(model: torch.nn.Module, maps: torch.Tensor) -> None:
+    model.calibration.set_position_stats(maps.mean(dim=0)[0], maps.std(dim=0)[0])
 
 
 def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 0.99,
               pixel_quantile: float = 0.999, device: Any = "cpu",
-              position_loader: Optional[Iterable] = None) -> dict[str, Any]:
-    """Fit ``model.calibration`` on normal images; returns the calibration dict.
-
-    ``position_loader`` (required with ``map.position_norm``): other held-out normal images for
-    the position statistics, so the thresholds are measured on maps normalised with
-    statistics of different images.
-    """
+              out_of_fold: Optional[torch.Tensor] = None, folds: int = 5,
+              seed: int = 0) -> dict[str, Any]:
+    """Fit ``model.calibration`` on the held-out normal images of ``loader`` (batches: image
+    tensors [B, 3, H, W] in [0, 1], or `data.ImageDataset` dicts); returns the calibration
+    dict. ``out_of_fold``: grid maps of more normal images (`fit_stats.out_of_fold_maps`).
+    Steps and why: module doc."""
+    maps = _grid_maps(model, loader, device)
+    n = maps.shape[0]
     info: dict[str, Any] = {}
     if model.cfg.map.position_norm:
-        if position_loader is None:
-            raise ValueError("map.position_norm needs held-out images for its statistics "
-                             "(position_loader)")
-        info["position_norm"] = fit_position_stats(model, position_loader, device)
-    scores, pixels = collect_raw(model, loader, device)
-    cal = thresholds_from_scores(scores, pixels, image_quantile, pixel_quantile)
+        if n < 4:
+            raise CalibrationError(f"map.position_norm needs at least 4 held-out normal images "
+                                   f"(each scored with the statistics of the others), got {n}; "
+                                   "raise holdout_fraction or add images")
+        k = min(folds, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
+        scores, pixels = np.empty(n), None
+        for j in range(k):
+            fold = order[j::k]
+            _set_position_stats(model, maps[torch.cat([order[i::k] for i in range(k) if i != j])])
+            s, px = _finish_maps(model, maps[fold], device)
+            if pixels is None:
+                pixels = np.empty((n, *px.shape[1:]), dtype=np.float32)
+            scores[fold.numpy()], pixels[fold.numpy()] = s, px
+        _set_position_stats(model, maps)  # the shipped statistics: every held-out image
+        info["position_norm"] = {"images": n, "folds": k}
+        _LOG.info("position-wise map statistics from %d held-out normal images (threshold "
+                  "scores cross-fitted over %d folds)", n, k)
+    else:
+        scores, pixels = _finish_maps(model, maps, device)
+    oof = None if out_of_fold is None else _finish_maps(model, out_of_fold, device, False)[0]
+    cal = thresholds_from_scores(scores, pixels, image_quantile, pixel_quantile, oof)
     model.calibration.set_thresholds(cal["raw_image"], cal["raw_pixel"])
     cal.update(info)
+    if oof is not None:
+        _LOG.info("image threshold %.4g = max(held-out quantile %.4g, pooled with %d training "
+                  "images scored out of fold %.4g)", cal["raw_image"], cal["held_out_threshold"],
+                  oof.size, cal["pooled_threshold"])
     _LOG.info("calibrated on %d normal images: image threshold %.4g, pixel threshold %.4g",
-              len(scores), cal["raw_image"], cal["raw_pixel"])
+              cal["threshold_images"], cal["raw_image"], cal["raw_pixel"])
     if not cal["reliable"]:
-        _LOG.warning("the image threshold is UNRELIABLE: %d held-out normal images set it, but "
-                     "a %.3g quantile (a promised false-positive rate of %.1f %%) needs at "
-                     "least %d; hold out more normal images (holdout_fraction) or lower "
-                     "image_quantile", len(scores), image_quantile, 100 * (1 - image_quantile),
+        _LOG.warning("the image threshold is UNRELIABLE: %d normal images set it, but a %.3g "
+                     "quantile (a promised false-positive rate of %.1f %%) needs at least %d; "
+                     "hold out more normal images (holdout_fraction) or lower image_quantile",
+                     cal["threshold_images"], image_quantile, 100 * (1 - image_quantile),
                      cal["images_needed"])
     return cal

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -315,17 +316,27 @@ def split_holdout(samples: Sequence[Sample], fraction: float,
     return train, hold
 
 
-def load_images(samples: Sequence[Sample], size: Size, progress: bool = False) -> torch.Tensor:
-    """All images of ``samples`` resized to ``size``: uint8 tensor [N, 3, height, width]."""
+def load_images(samples: Sequence[Sample], size: Size, progress: bool = False,
+                workers: int = 0) -> torch.Tensor:
+    """All images of ``samples`` resized to ``size``: uint8 tensor [N, 3, height, width];
+    ``workers`` > 0 decodes in that many threads (OpenCV releases the GIL)."""
     h, w = hw(size)
     out = torch.empty((len(samples), 3, h, w), dtype=torch.uint8)
-    it: Iterable = samples
+
+    def load(s: Sample) -> torch.Tensor:
+        return torch.from_numpy(resize_rgb(read_image(s.path), (h, w))).permute(2, 0, 1)
+
+    pool = ThreadPoolExecutor(workers) if workers > 0 else None
+    it: Iterable = pool.map(load, samples) if pool is not None else map(load, samples)
     if progress:
         from tqdm import tqdm
-        it = tqdm(samples, desc="loading images", unit="img", leave=False)
-    for i, s in enumerate(it):
-        rgb = resize_rgb(read_image(s.path), (h, w))
-        out[i] = torch.from_numpy(rgb).permute(2, 0, 1)  # 3, height, width
+        it = tqdm(it, total=len(samples), desc="loading images", unit="img", leave=False)
+    try:
+        for i, x in enumerate(it):
+            out[i] = x  # 3, height, width
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return out
 
 

@@ -131,8 +131,8 @@ def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = 
 
 def _reliability(cal: dict[str, Any]) -> dict[str, Any]:
     """What the report says about how far the shipped image threshold can be trusted."""
-    keys = ("quantile", "promised_false_positive_rate", "threshold_images", "images_needed",
-            "reliable")
+    keys = ("quantile", "promised_false_positive_rate", "threshold_images", "held_out_images",
+            "out_of_fold_images", "images_needed", "reliable")
     return {k: cal[k] for k in keys if k in cal}
 
 

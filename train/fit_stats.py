@@ -10,40 +10,46 @@
 2. `fit_gaussian` (after training, ``map.error: gaussian``): the position-wise Gaussian of
    the training images' reconstruction residuals (`position_gaussian.py`). It is part of the
    model, fitted on training images like Block C itself; everything that judges the model
-   (position statistics, thresholds) comes from held-out images in `calibrate.py`.
-3. `split_calibration`: which held-out images set the position statistics and which the
-   thresholds, so a threshold is never measured on the images that normalised it.
+   (position statistics, thresholds) comes from images the Gaussian never saw, in
+   `calibrate.py`.
+3. `out_of_fold_maps` (``map.error: gaussian``): the training images' maps, each under a
+   Gaussian fitted WITHOUT it (K folds; the fold's place taken by as many held-out images, so
+   every fold's Gaussian sees as many images as the shipped one): more normal scores for the
+   image threshold than the held-out images alone give (docs/training.md, Calibration).
 """
 from __future__ import annotations
 
+import copy
 import logging
-import random
-from typing import Iterator, Optional, Sequence
+from itertools import chain
+from typing import Iterator, Optional
 
 import torch
 
 from haloae.preprocess import scale_tensor
 
-from .calibration import CalibrationError
 from .torch_model import HaloAE
 
 _LOG = logging.getLogger(__name__)
 
 
 def _feature_batches(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tensor],
-                     device: torch.device, batch: int, desc: str,
-                     progress: bool) -> Iterator[torch.Tensor]:
-    """Block A features of every training image, from the cache or computed [B, C, gh, gw]."""
-    starts = range(0, images.shape[0], batch)
+                     device: torch.device, batch: int, desc: str, progress: bool,
+                     index: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """Block A features [B, C, gh, gw] of the training images ``index`` (default: all), from
+    the cache or computed."""
+    index = torch.arange(images.shape[0]) if index is None else index
+    starts = range(0, len(index), batch)
     if progress:
         from tqdm import tqdm
         starts = tqdm(starts, desc=desc, unit="batch", leave=False)
     for i in starts:
+        sel = index[i: i + batch]
         if cache is not None:
-            yield cache[i: i + batch]
+            yield cache[sel.to(cache.device)]
         else:
             with torch.no_grad():
-                yield model.extract(scale_tensor(images[i: i + batch].to(device)))
+                yield model.extract(scale_tensor(images[sel].to(device)))
 
 
 @torch.no_grad()
@@ -108,20 +114,61 @@ def fit_gaussian(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tens
         model.train(was_training)
 
 
-def split_calibration(held_out: Sequence, position_norm: bool,
-                      seed: int = 0) -> tuple[list, list]:
-    """(images for the position statistics, images for the thresholds) from the held-out
-    normal images: a seeded random half each with position_norm, else () and all."""
-    held_out = list(held_out)
-    random.Random(seed + 7).shuffle(held_out)
-    if not position_norm:
-        return [], held_out
-    if len(held_out) < 4:
-        raise CalibrationError(f"map.position_norm needs at least 4 held-out normal images (2 for the "
-                         f"position statistics, 2 for the thresholds), got {len(held_out)}; "
-                         "raise holdout_fraction or add images")
-    half = len(held_out) // 2
-    return held_out[:half], held_out[half:]
+@torch.no_grad()
+def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tensor],
+                     held_out: torch.Tensor, device: torch.device, folds: int = 5, seed: int = 0,
+                     batch: int = 16, progress: bool = False) -> Optional[torch.Tensor]:
+    """Smoothed grid maps [N, 1, gh, gw] (before position normalisation) of the N training
+    images, each under a position-wise Gaussian fitted without it: the images are split into
+    ``folds`` seeded folds, and fold k is scored by a copy of the model's Gaussian fitted on
+    the other folds plus as many of the ``held_out`` normal images (uint8 [M, 3, H, W]) as
+    fold k holds, so every fold's Gaussian sees as many images as the shipped one.
+
+    Block C saw these images in training; their maps are honest normal maps only as far as
+    Block C does not overfit, which is why `calibrate.thresholds_from_scores` never lets them
+    lower the held-out images' threshold. None without ``map.error: gaussian`` or held-out
+    images (nothing to fill a fold's place with)."""
+    if model.gaussian is None or held_out.shape[0] == 0 or images.shape[0] < 2:
+        return None
+    from .anomaly_map import error_map, smooth
+
+    was_training = model.training
+    model.eval()
+    n, m = images.shape[0], held_out.shape[0]
+    gen = torch.Generator().manual_seed(seed + 11)
+    order, h_order = torch.randperm(n, generator=gen), torch.randperm(m, generator=gen)
+    k = min(folds, n)
+    cfg = model.cfg.map
+
+    def residuals(feats: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for f in feats:
+            yield f - model.reconstruct(f)
+
+    def held_feats(sel: torch.Tensor) -> Iterator[torch.Tensor]:
+        for i in range(0, len(sel), batch):
+            yield model.extract(scale_tensor(held_out[sel[i: i + batch]].to(device)))
+
+    out: Optional[torch.Tensor] = None
+    try:
+        for j in range(k):
+            fold, rest = order[j::k], torch.cat([order[i::k] for i in range(k) if i != j])
+            start = (j * len(fold)) % m
+            fill = h_order[(start + torch.arange(min(len(fold), m))) % m]
+            gauss = copy.deepcopy(model.gaussian)
+            gauss.fit(chain(residuals(_feature_batches(
+                model, images, cache, device, batch, f"out-of-fold Gaussian {j + 1}/{k}",
+                progress, rest)), residuals(held_feats(fill))))
+            for i, f in zip(range(0, len(fold), batch),
+                            _feature_batches(model, images, cache, device, batch, "", False, fold)):
+                e = smooth(error_map(f, model.reconstruct(f), cfg, gauss), cfg, model.cfg.hw)
+                if out is None:
+                    out = torch.empty((n, *e.shape[1:]), dtype=torch.float32)
+                out[fold[i: i + batch]] = e.float().cpu()
+    finally:
+        model.train(was_training)
+    _LOG.info("out-of-fold maps of %d training images (%d folds, each Gaussian on %d images)",
+              n, k, n - len(order[0::k]) + min(len(order[0::k]), m))
+    return out
 
 
 def fit_for_timing(model: HaloAE, n: int = 6, seed: int = 0) -> dict:
@@ -139,8 +186,7 @@ def fit_for_timing(model: HaloAE, n: int = 6, seed: int = 0) -> dict:
     fit_brightness(model, images)
     fit_standardization(model, images, None, cpu)
     fit_gaussian(model, images, None, cpu)
-    held = [torch.rand(2, 3, h, w, generator=gen) for _ in range(2)]
-    cal = calibrate(model, [held[1]], image_quantile=0.5, pixel_quantile=0.5,
-                    position_loader=[held[0]])
+    held = torch.rand(4, 3, h, w, generator=gen)
+    cal = calibrate(model, [held], image_quantile=0.5, pixel_quantile=0.5)
     cal["note"] = "fitted on random images, for timing only"
     return cal

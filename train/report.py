@@ -292,9 +292,14 @@ def _calibration_lines(cal: dict[str, Any], method: str) -> list[str]:
     if method != "holdout" or "promised_false_positive_rate" not in cal:
         return []
     p = 100 * cal["promised_false_positive_rate"]
-    line = (f"The shipped threshold is the {cal['quantile']:.3g} quantile of "
-            f"{cal['threshold_images']} held-out normal images: it promises a false-positive "
-            f"rate of about {p:.1f} %.")
+    if cal.get("out_of_fold_images"):
+        source = (f"{cal['threshold_images']} normal images ({cal['held_out_images']} held out, "
+                  f"{cal['out_of_fold_images']} training images scored out of fold; never below "
+                  "the held-out images' own quantile)")
+    else:
+        source = f"{cal['threshold_images']} held-out normal images"
+    line = (f"The shipped threshold is the {cal['quantile']:.3g} quantile of {source}: it "
+            f"promises a false-positive rate of about {p:.1f} %.")
     if not cal.get("reliable", True):
         line += (f" **Unreliable**: that quantile needs at least {cal['images_needed']} "
                  "held-out normal images; hold out more (holdout_fraction) or lower "

@@ -109,11 +109,15 @@ class TrainCfg(Cfg):
     loss: LossCfg = Field(default_factory=LossCfg)
     checkpoint_every: int = Field(1, ge=1, description="epochs between resumable RUN_DIR/last.pt writes")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
-    num_workers: int = Field(0, ge=0, description="image-loading worker processes (calibration)")
+    num_workers: int = Field(0, ge=0, description="image-loading threads (training and held-out images); 0 = none")
     cache_features: bool = Field(True, description="compute clean-image backbone features once, not every step")
     cache_max_gb: float = Field(4.0, ge=0, description="above this the cache is skipped (features recomputed)")
     amp: bool = Field(True, description="fp16 autocast + GradScaler on CUDA (ignored on CPU)")
     calib_batch_size: int = Field(8, ge=1)
+    calib_folds: int = Field(5, ge=2, description="cross-fitting folds of the calibration: held-out "
+                                                  "images scored with the position statistics of the "
+                                                  "others, training images with a Gaussian fitted "
+                                                  "without them (docs/training.md, Calibration)")
 
     def model_post_init(self, context: Any) -> None:
         self.validate()

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from haloae.errors import UserError
 from haloae.preprocess import scale_tensor
@@ -35,8 +35,8 @@ from . import ddp
 from .calibrate import calibrate
 from .checkpoint import read_checkpoint, save_checkpoint
 from .cutpaste import augment_batch
-from .data import DataError, ImageDataset, find_train_samples, load_images, split_holdout
-from .fit_stats import fit_brightness, fit_gaussian, fit_standardization, split_calibration
+from .data import DataError, find_train_samples, load_images, split_holdout
+from .fit_stats import fit_brightness, fit_gaussian, fit_standardization, out_of_fold_maps
 from .loss import haloae_loss, loss_weights
 from .torch_model import HaloAE, create_model
 from .train_config import TrainCfg, resolve_model_config
@@ -192,7 +192,7 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
                            "with the same --config or start a new --out")
         model.load_state_dict(state["state_dict"])
     model.train()
-    images = load_images(train_s, model_cfg.hw, progress)  # uint8 [N, 3, H, W] on CPU
+    images = load_images(train_s, model_cfg.hw, progress, cfg.num_workers)  # uint8 [N, 3, H, W] on CPU
     if info.device.type == "cuda":
         images = images.pin_memory()
     if state is None:  # before any feature: every feature depends on it
@@ -299,7 +299,10 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
                      "will be too low (hold out some normal images)")
     if info.is_main:
         gauss = fit_gaussian(model, images, cache, info.device, cfg.calib_batch_size, progress)
-        final = _finish(model, cfg, hold_s or train_s, out, info,
+        held = load_images(hold_s or train_s, model_cfg.hw, progress, cfg.num_workers)
+        oof = out_of_fold_maps(model, images, cache, held, info.device, cfg.calib_folds,
+                               cfg.seed, cfg.calib_batch_size, progress) if hold_s else None
+        final = _finish(model, cfg, held, oof, out, info,
                         lambda: {**train_info(cfg.epochs), "gaussian": gauss,
                                  "brightness_target": _brightness_target(model)}, progress)
     ddp.barrier(info)
@@ -313,23 +316,18 @@ def _brightness_target(model: HaloAE) -> Optional[float]:
     return round(float(model.backbone.brightness_target), 4)
 
 
-def _loader(samples, model: HaloAE, cfg: TrainCfg, desc: str, progress: bool):
-    loader = DataLoader(ImageDataset(samples, model.cfg.hw), batch_size=cfg.calib_batch_size,
-                        num_workers=cfg.num_workers)
+def _finish(model: HaloAE, cfg: TrainCfg, held: torch.Tensor, oof: Optional[torch.Tensor],
+            out: Path, info: ddp.DistInfo, train_info: Callable[[], dict], progress: bool) -> Path:
+    """Calibrate on the held-out normal images (uint8 [M, 3, H, W]) and the training images'
+    out-of-fold maps ``oof``, then write final.pt."""
+    starts = range(0, held.shape[0], cfg.calib_batch_size)
     if progress:
         from tqdm import tqdm
-        loader = tqdm(loader, desc=desc, unit="batch", leave=False)
-    return loader
-
-
-def _finish(model: HaloAE, cfg: TrainCfg, calib_samples, out: Path, info: ddp.DistInfo,
-            train_info: Callable[[], dict], progress: bool) -> Path:
-    """Calibrate on held-out normal images and write final.pt."""
-    pos_s, thr_s = split_calibration(calib_samples, model.cfg.map.position_norm, cfg.seed)
-    pos_loader = _loader(pos_s, model, cfg, "position statistics", progress) if pos_s else None
-    cal = calibrate(model, _loader(thr_s, model, cfg, "calibrating", progress),
-                    cfg.image_quantile, cfg.pixel_quantile, info.device, pos_loader)
-    cal["images"] = len(calib_samples)
+        starts = tqdm(starts, desc="calibrating", unit="batch", leave=False)
+    batches = (scale_tensor(held[i: i + cfg.calib_batch_size]) for i in starts)
+    cal = calibrate(model, batches, cfg.image_quantile, cfg.pixel_quantile, info.device, oof,
+                    cfg.calib_folds, cfg.seed)
+    cal["images"] = int(held.shape[0])
     path = save_checkpoint(out / "final.pt", model, cal, train_info())
     model.train()
     return path

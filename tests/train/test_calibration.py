@@ -12,7 +12,7 @@ import torch
 from haloae.train.calibrate import calibrate, min_normals, thresholds_from_scores
 from haloae.train.checkpoint import load_checkpoint, save_checkpoint
 from haloae.train.config import load_model_config
-from haloae.train.fit_stats import fit_standardization, split_calibration
+from haloae.train.fit_stats import fit_gaussian, fit_standardization, out_of_fold_maps
 from haloae.train.inference import HaloAEInference, grid_error, raw_outputs
 from haloae.train.anomaly_map import image_score, upsample
 from haloae.train.position_gaussian import PositionGaussian
@@ -170,23 +170,62 @@ def test_min_normals_rule():
 
 def test_unreliable_threshold_is_logged(tiny, caplog):
     model, _ = tiny
-    x = torch.rand(3, 3, 128, 128)
+    x = torch.rand(3, 3, 128, 128)  # 4 held-out images with the repeat
     saved = {k: v.clone() for k, v in model.calibration.state_dict().items()}
     try:
         with caplog.at_level(logging.WARNING, logger="haloae.train.calibrate"):
-            cal = calibrate(model, [x], image_quantile=0.99, position_loader=[x])
+            cal = calibrate(model, [x, x[:1]], image_quantile=0.99)
     finally:
         model.calibration.load_state_dict(saved)
     assert not cal["reliable"]
     assert any("UNRELIABLE" in r.message and "300" in r.message for r in caplog.records)
 
 
-def test_split_calibration_is_disjoint_and_seeded():
-    items = list(range(11))
-    a, b = split_calibration(items, True, seed=3)
-    assert sorted(a + b) == items and not set(a) & set(b) and len(a) == 5
-    assert (a, b) == split_calibration(items, True, seed=3)
-    pos, thr = split_calibration(items, False)
-    assert pos == [] and sorted(thr) == items
-    with pytest.raises(ValueError, match="at least 4"):
-        split_calibration([1, 2, 3], True)
+def test_pooled_out_of_fold_scores_can_raise_the_threshold_but_never_lower_it():
+    held = np.arange(1.0, 101.0)  # 1..100, quantile 0.9 = 90.1
+    low = thresholds_from_scores(held, None, 0.9, out_of_fold_scores=np.zeros(400))
+    assert low["raw_image"] == pytest.approx(np.quantile(held, 0.9))  # Block C overfits: held-out
+    assert low["pooled_threshold"] < low["held_out_threshold"] == low["raw_image"]
+    high = thresholds_from_scores(held, None, 0.9, out_of_fold_scores=np.full(400, 95.0))
+    assert high["raw_image"] == pytest.approx(95.0) == high["pooled_threshold"]
+    assert high["threshold_images"] == 500 and high["held_out_images"] == 100
+    assert high["out_of_fold_images"] == 400 and high["out_of_fold_scores"]["p50"] == 95.0
+    assert high["normal_scores"]["n"] == 100  # the drift baseline stays the held-out images'
+    few = thresholds_from_scores(np.arange(20.0), None, 0.99, out_of_fold_scores=np.arange(280.0))
+    assert few["reliable"] and not thresholds_from_scores(np.arange(20.0), None, 0.99)["reliable"]
+    with pytest.raises(ValueError, match="diverged"):
+        thresholds_from_scores(held, None, 0.9, out_of_fold_scores=np.array([np.inf]))
+
+
+def test_out_of_fold_maps_score_each_training_image_with_a_gaussian_that_never_saw_it(tiny):
+    """An odd image among near-copies: inside the fit the Gaussian has learnt it, out of fold
+    it stands out. The model's own Gaussian is left as it was."""
+    model, _ = tiny
+    gen = torch.Generator().manual_seed(5)
+    base = torch.rand(1, 3, 128, 128, generator=gen)
+    images = (base + 0.02 * torch.randn(12, 3, 128, 128, generator=gen)).clamp(0, 1)
+    images[7] = torch.rand(3, 128, 128, generator=gen)
+    images = (images * 255).round().to(torch.uint8)
+    held = images[:6].clone()
+    held[:] = ((base + 0.02 * torch.randn(6, 3, 128, 128, generator=gen)).clamp(0, 1)
+               * 255).round().to(torch.uint8)
+    cpu = torch.device("cpu")
+    saved = {k: v.clone() for k, v in model.gaussian.state_dict().items()}
+    try:
+        fit_gaussian(model, images, None, cpu)
+        fitted = {k: v.clone() for k, v in model.gaussian.state_dict().items()}
+        with torch.no_grad():
+            inside = grid_error(model, images.float() / 255)
+        oof = out_of_fold_maps(model, images, None, held, cpu, folds=4, seed=0)
+        for k, v in model.gaussian.state_dict().items():
+            torch.testing.assert_close(v, fitted[k])
+        again = out_of_fold_maps(model, images, None, held, cpu, folds=4, seed=0)
+    finally:
+        model.gaussian.load_state_dict(saved)
+    assert oof.shape == inside.shape == (12, 1, 16, 16)
+    torch.testing.assert_close(oof, again)
+    peak_in, peak_oof = inside.amax(dim=(1, 2, 3)), oof.amax(dim=(1, 2, 3))
+    assert peak_oof[7] > 3 * peak_in[7]
+    others = torch.tensor([i != 7 for i in range(12)])
+    assert peak_oof[7] > 3 * peak_oof[others].max()
+    assert out_of_fold_maps(model, images, None, held[:0], cpu) is None  # nothing to fill with

@@ -11,7 +11,8 @@ from haloae.train.calibrate import calibrate, thresholds_from_scores
 from haloae.train.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint,
                                      save_checkpoint)
 from haloae.train.config import load_model_config
-from haloae.train.inference import raw_outputs
+from haloae.train.calibration import POS_STD_FLOOR
+from haloae.train.inference import finish_map, grid_error, raw_outputs
 from haloae.train.torch_model import create_model
 
 
@@ -101,12 +102,28 @@ def test_thresholds_are_quantiles_of_normal_scores():
 
 
 def test_calibrate_matches_raw_outputs(tiny_model):
+    """Every held-out image sets the shipped position statistics, and each one's threshold
+    score comes from the statistics of the others (here 5 folds of 1 image)."""
     x = torch.rand(5, 3, 128, 128, generator=torch.Generator().manual_seed(1))
-    pos = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
-    cal = calibrate(tiny_model, [x[:3], {"image": x[3:]}], image_quantile=1.0,
-                    pixel_quantile=1.0, position_loader=[pos])
-    with torch.no_grad():
-        s, m = raw_outputs(tiny_model, x)
-    assert cal["raw_image"] == pytest.approx(float(s.max()), rel=1e-5)
-    assert cal["raw_pixel"] == pytest.approx(float(m.max()), rel=1e-5)
-    assert cal["normal_scores"]["n"] == 5
+    saved = {k: v.clone() for k, v in tiny_model.calibration.state_dict().items()}
+    try:
+        cal = calibrate(tiny_model, [x[:3], {"image": x[3:]}], image_quantile=1.0,
+                        pixel_quantile=1.0, folds=5)
+        shipped = {k: v.clone() for k, v in tiny_model.calibration.state_dict().items()}
+        with torch.no_grad():
+            grid = grid_error(tiny_model, x)
+            scores, pixels = [], []
+            for i in range(5):
+                others = grid[[j for j in range(5) if j != i]]
+                tiny_model.calibration.set_position_stats(others.mean(0)[0], others.std(0)[0])
+                s, m = finish_map(tiny_model, grid[i:i + 1])
+                scores.append(float(s[0]))
+                pixels.append(float(m.max()))
+    finally:
+        tiny_model.calibration.load_state_dict(saved)
+    assert cal["raw_image"] == pytest.approx(max(scores), rel=1e-5)
+    assert cal["raw_pixel"] == pytest.approx(max(pixels), rel=1e-5)
+    assert cal["normal_scores"]["n"] == 5 and cal["position_norm"] == {"images": 5, "folds": 5}
+    torch.testing.assert_close(shipped["pos_mean"], grid.mean(0, keepdim=True))
+    torch.testing.assert_close(shipped["pos_std"], grid.std(0, keepdim=True).clamp_min(
+        POS_STD_FLOOR * float(grid.std(0).mean()) + 1e-12))

@@ -102,6 +102,7 @@ def test_mvtec_layout_samples_and_dataset_items(tmp_path):
     assert imgs.dtype == torch.uint8 and imgs.shape == (3, 3, 32, 32)
     np.testing.assert_allclose(imgs[0].numpy() / 255.0, ImageDataset(train, 32)[0]["image"].numpy(),
                                atol=1e-6)
+    assert torch.equal(load_images(train, 32, workers=2), imgs)  # threads keep the order
 
 
 def test_missing_mask_names_the_defect_image(tmp_path):
