@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -147,6 +147,13 @@ def _finish_maps(model: torch.nn.Module, maps: torch.Tensor, device: Any,
     return np.concatenate(scores), (np.concatenate(out) if pixels else None)
 
 
+def cross_folds(order: torch.Tensor, k: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(fold, rest)`` index tensors of the ``k`` folds of a (shuffled) ``order``: fold j is
+    every k-th entry from j, rest the other folds."""
+    for j in range(k):
+        yield order[j::k], torch.cat([order[i::k] for i in range(k) if i != j])
+
+
 def _set_position_stats(model: torch.nn.Module, maps: torch.Tensor) -> None:
     model.calibration.set_position_stats(maps.mean(dim=0)[0], maps.std(dim=0)[0])
 
@@ -170,9 +177,8 @@ def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 
         k = min(folds, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
         scores, pixels = np.empty(n), None
-        for j in range(k):
-            fold = order[j::k]
-            _set_position_stats(model, maps[torch.cat([order[i::k] for i in range(k) if i != j])])
+        for fold, rest in cross_folds(order, k):
+            _set_position_stats(model, maps[rest])
             s, px = _finish_maps(model, maps[fold], device)
             if pixels is None:
                 pixels = np.empty((n, *px.shape[1:]), dtype=np.float32)

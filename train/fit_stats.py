@@ -28,6 +28,8 @@ import torch
 
 from haloae.preprocess import scale_tensor
 
+from .anomaly_map import error_map, smooth
+from .calibrate import calibrate, cross_folds
 from .torch_model import HaloAE
 
 _LOG = logging.getLogger(__name__)
@@ -50,6 +52,12 @@ def _feature_batches(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
         else:
             with torch.no_grad():
                 yield model.extract(scale_tensor(images[sel].to(device)))
+
+
+def _residuals(model: HaloAE, feats: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Block C reconstruction residuals ``F - F_hat`` of feature batches."""
+    for f in feats:
+        yield f - model.reconstruct(f)
 
 
 @torch.no_grad()
@@ -103,13 +111,9 @@ def fit_gaussian(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tens
     was_training = model.training
     model.eval()
 
-    def residuals() -> Iterator[torch.Tensor]:
-        for f in _feature_batches(model, images, cache, device, batch, "fitting the residual "
-                                  "Gaussian", progress):
-            yield f - model.reconstruct(f)
-
     try:
-        return model.gaussian.fit(residuals())
+        return model.gaussian.fit(_residuals(model, _feature_batches(
+            model, images, cache, device, batch, "fitting the residual Gaussian", progress)))
     finally:
         model.train(was_training)
 
@@ -130,7 +134,6 @@ def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
     images (nothing to fill a fold's place with)."""
     if model.gaussian is None or held_out.shape[0] == 0 or images.shape[0] < 2:
         return None
-    from .anomaly_map import error_map, smooth
 
     was_training = model.training
     model.eval()
@@ -140,24 +143,21 @@ def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
     k = min(folds, n)
     cfg = model.cfg.map
 
-    def residuals(feats: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-        for f in feats:
-            yield f - model.reconstruct(f)
-
     def held_feats(sel: torch.Tensor) -> Iterator[torch.Tensor]:
         for i in range(0, len(sel), batch):
             yield model.extract(scale_tensor(held_out[sel[i: i + batch]].to(device)))
 
     out: Optional[torch.Tensor] = None
+    sizes: list[int] = []
     try:
-        for j in range(k):
-            fold, rest = order[j::k], torch.cat([order[i::k] for i in range(k) if i != j])
+        for j, (fold, rest) in enumerate(cross_folds(order, k)):
             start = (j * len(fold)) % m
             fill = h_order[(start + torch.arange(min(len(fold), m))) % m]
             gauss = copy.deepcopy(model.gaussian)
-            gauss.fit(chain(residuals(_feature_batches(
+            info = gauss.fit(chain(_residuals(model, _feature_batches(
                 model, images, cache, device, batch, f"out-of-fold Gaussian {j + 1}/{k}",
-                progress, rest)), residuals(held_feats(fill))))
+                progress, rest)), _residuals(model, held_feats(fill))))
+            sizes.append(info["images"])
             for i, f in zip(range(0, len(fold), batch),
                             _feature_batches(model, images, cache, device, batch, "", False, fold)):
                 e = smooth(error_map(f, model.reconstruct(f), cfg, gauss), cfg, model.cfg.hw)
@@ -166,8 +166,8 @@ def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
                 out[fold[i: i + batch]] = e.float().cpu()
     finally:
         model.train(was_training)
-    _LOG.info("out-of-fold maps of %d training images (%d folds, each Gaussian on %d images)",
-              n, k, n - len(order[0::k]) + min(len(order[0::k]), m))
+    _LOG.info("out-of-fold maps of %d training images (%d folds, Gaussians on %d-%d images)",
+              n, k, min(sizes), max(sizes))
     return out
 
 
@@ -176,8 +176,6 @@ def fit_for_timing(model: HaloAE, n: int = 6, seed: int = 0) -> dict:
     residual Gaussian, position statistics, thresholds at the median), so its full inference
     graph can be built, exported and timed: latency does not depend on the values. Never use
     such a model to inspect anything. Returns the calibration dict a checkpoint stores."""
-    from .calibrate import calibrate
-
     gen = torch.Generator().manual_seed(seed)
     h, w = model.cfg.hw
     images = (torch.rand(n, 3, h, w, generator=gen) * 255).to(torch.uint8)

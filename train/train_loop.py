@@ -299,7 +299,7 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
                      "will be too low (hold out some normal images)")
     if info.is_main:
         gauss = fit_gaussian(model, images, cache, info.device, cfg.calib_batch_size, progress)
-        held = load_images(hold_s or train_s, model_cfg.hw, progress, cfg.num_workers)
+        held = load_images(hold_s, model_cfg.hw, progress, cfg.num_workers) if hold_s else images
         oof = out_of_fold_maps(model, images, cache, held, info.device, cfg.calib_folds,
                                cfg.seed, cfg.calib_batch_size, progress) if hold_s else None
         final = _finish(model, cfg, held, oof, out, info,
