@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from haloae import runtime
+from haloae.defect_mask import PEAK_FRACTION
 from haloae.errors import EXIT_USER, UserError
 from haloae.validate import check_client_id, check_identifier, check_prefix, mqtt_text_problem
 
@@ -131,6 +132,10 @@ class PublishConfig(_Strict):
                             "are dropped and counted (alarms are never dropped)")
     min_region_area: int = Field(4, ge=1, description="defect regions smaller than this many frame pixels are not reported")
     max_regions: int = Field(32, ge=1, description="at most this many regions (the largest) per result")
+    mask_peak_fraction: float = Field(PEAK_FRACTION, ge=0, lt=1, description=(
+        "each connected part of the defect mask keeps only the pixels at or above this fraction of its "
+        "own peak (0.5 = half maximum: a strong defect's mask follows the defect, not the blur around "
+        "it); 0 = every pixel above the pixel threshold"))
 
 
 class AlarmConfig(_Strict):

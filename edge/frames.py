@@ -33,11 +33,6 @@ class FrameResult:
     model_id: str = ""
     zones: object | None = None  # the camera's ZoneSet (haloae/zones.py) applied to score and map, else None
 
-    @property
-    def mask(self) -> np.ndarray:
-        """Binary defect mask (bool HxW at the model's input resolution)."""
-        return self.anomaly_map >= self.pixel_threshold
-
 
 @dataclass
 class CameraStatus:

@@ -348,7 +348,8 @@ class Publisher:
         if not (to_mqtt or to_evidence or to_ha or pub is not None):
             return  # nobody takes this result: skip the encoding
         h, w = r.frame.shape[:2]
-        amap, mask, found = regions.analyse(r, self.cfg.publish.min_region_area, self.cfg.publish.max_regions)
+        amap, mask, found = regions.analyse(r, self.cfg.publish.min_region_area, self.cfg.publish.max_regions,
+                                             self.cfg.publish.mask_peak_fraction)
         payload = _dumps(result_payload(self.node, r, found, alarm_id))
         want_png = pub is not None or to_evidence or (to_mqtt and self.cfg.publish.mask)
         mask_png = regions.mask_png(mask, w, h) if want_png else b""

@@ -3,8 +3,10 @@
 The model's anomaly map comes at the model's input resolution (normalised units: the pixel
 threshold maps to 0.5). Everything published is at the *frame* resolution (the frame after the
 region-of-interest crop, before the resize to the model input): the map is resized with
-bilinear interpolation first and thresholded second, so the mask edges are smooth and the
-region boxes are in frame pixels.
+bilinear interpolation first and masked second, so the mask edges are smooth and the region
+boxes are in frame pixels. The mask rule (the pixel threshold, then each component cut at a
+fraction of its own peak: `publish.mask_peak_fraction`) is `haloae.defect_mask`, the same one
+`haloae-eval` measures.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+
+from haloae.defect_mask import PEAK_FRACTION, defect_mask
 
 MASK_ON = 255  # value of defect pixels in the mask PNG (background is 0)
 
@@ -27,9 +31,10 @@ def resize_map(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def binary_mask(amap: np.ndarray, pixel_threshold: float) -> np.ndarray:
-    """uint8 mask: 255 where ``amap >= pixel_threshold``, else 0 (same size as ``amap``)."""
-    return np.where(amap >= pixel_threshold, MASK_ON, 0).astype(np.uint8)
+def binary_mask(amap: np.ndarray, pixel_threshold: float, peak_fraction: float = PEAK_FRACTION) -> np.ndarray:
+    """uint8 mask (same size as ``amap``): 255 on the defect pixels of `haloae.defect_mask`
+    (at or above ``pixel_threshold`` and ``peak_fraction`` x their component's peak), else 0."""
+    return np.where(defect_mask(amap, pixel_threshold, peak_fraction), MASK_ON, 0).astype(np.uint8)
 
 
 def find_regions(mask: np.ndarray, amap: np.ndarray | None = None, min_area: int = 1,
@@ -61,7 +66,8 @@ def find_regions(mask: np.ndarray, amap: np.ndarray | None = None, min_area: int
     return regions
 
 
-def analyse(r, min_area: int = 1, max_regions: int = 32) -> tuple[np.ndarray | None, np.ndarray | None, list[dict]]:
+def analyse(r, min_area: int = 1, max_regions: int = 32, peak_fraction: float = PEAK_FRACTION
+            ) -> tuple[np.ndarray | None, np.ndarray | None, list[dict]]:
     """``(map, mask, regions)`` of a FrameResult at frame resolution, ignore zones applied (map
     and mask are 0 inside them); ``(None, None, [])`` for a frame judged ok (a part judged ok
     carries no defect regions, whatever the camera's threshold) and when no map pixel reaches
@@ -72,7 +78,7 @@ def analyse(r, min_area: int = 1, max_regions: int = 32) -> tuple[np.ndarray | N
     amap = resize_map(r.anomaly_map, w, h)
     if getattr(r, "zones", None) is not None:  # bilinear upsampling leaks across a zone's edge: cut it
         amap = np.where(r.zones.keep(w, h), amap, np.float32(0))
-    mask = binary_mask(amap, r.pixel_threshold)
+    mask = binary_mask(amap, r.pixel_threshold, peak_fraction)
     return amap, mask, find_regions(mask, amap, min_area, max_regions)
 
 

@@ -9,6 +9,8 @@ import time
 import cv2
 import numpy as np
 
+from haloae.defect_mask import PEAK_FRACTION
+
 from . import regions
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -28,10 +30,10 @@ def _zones(img: np.ndarray, zones, scale: float) -> None:
 
 
 def draw_result(r, min_area: int, max_regions: int, raw: tuple[np.ndarray, bool] | None = None,
-                roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
+                roi: tuple[int, int, int, int] | None = None, peak_fraction: float = PEAK_FRACTION) -> np.ndarray:
     """RGB picture of FrameResult ``r``; ``raw`` = (the camera's last source frame, is_rgb) to show
     the ROI in context when the camera crops one."""
-    amap, mask, found = regions.analyse(r, min_area, max_regions)
+    amap, mask, found = regions.analyse(r, min_area, max_regions, peak_fraction)
     h, w = r.frame.shape[:2]
     img = regions.overlay_rgb(r.frame, np.zeros((h, w), np.float32) if amap is None else amap,
                               np.zeros((h, w), np.uint8) if mask is None else mask)

@@ -1,7 +1,7 @@
 """The README's picture: real detections of the exported model (the bundle through haloae.runtime).
 
 One row per synthetic defect kind: the camera image | the anomaly heat map | the predicted
-defect mask (map >= pixel threshold) with the true defect outlined in green.
+defect mask (the daemon's rule, `haloae.defect_mask`) with the true defect outlined in green.
 
     python -m haloae.readme_image BUNDLE_DIR docs/images/detection.png
 """
@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from .bundle import Bundle
+from .defect_mask import defect_mask
 from .preprocess import to_batch
 from .runtime import Backend, load_backend
 
@@ -41,7 +42,8 @@ def write_detection_image(bundle: Path, out: Path, size: int = 256, seed: int = 
     for i, kind in enumerate(DEFECT_KINDS):
         rgb, truth = sample(np.random.default_rng([seed, i]), size, kind)
         score, amap = _infer(runner, rgb)
-        pred = cv2.resize((amap >= pixel_threshold).astype(np.uint8) * 255, (size, size), interpolation=cv2.INTER_NEAREST)
+        pred = cv2.resize(defect_mask(amap, pixel_threshold).astype(np.uint8) * 255, (size, size),
+                          interpolation=cv2.INTER_NEAREST)  # the daemon's mask rule
         pred_rgb = np.repeat(pred[..., None], 3, axis=2)
         contours, _ = cv2.findContours(truth, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(pred_rgb, contours, -1, (0, 200, 0), 1)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from haloae import cli
+from haloae.defect_mask import PEAK_FRACTION, check_peak_fraction
+from haloae.errors import UserError
 
 EXAMPLES = """\
 examples:
@@ -59,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="bundle graph to run (default fp32)")
     p.add_argument("--batch", type=int, default=8, help="checkpoint batch size (8)")
     p.add_argument("--overlays", type=int, default=4, help="worst cases shown per figure (4)")
+    p.add_argument("--mask-peak-fraction", type=float, default=PEAK_FRACTION, metavar="F",
+                   help="the daemon's publish.mask_peak_fraction, for the region sizes of the "
+                        "predicted masks (default %(default)s: each region cut at half its peak; "
+                        "0 = every pixel above the pixel threshold)")
     p.add_argument("--ignore-zones", type=Path, metavar="FILE",
                    help="ignore-zones YAML (polygons in image pixels, border_px), the file the edge camera uses: "
                         "applied to every map and score as on the line")
@@ -86,6 +92,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         from .ddp import DeviceError
         raise DeviceError(f"--threads {args.threads}: use 1 or more")
+    try:
+        check_peak_fraction(args.mask_peak_fraction)
+    except ValueError as e:
+        raise UserError(f"--mask-peak-fraction: {e}") from None
     zones = load_zones(args.ignore_zones) if args.ignore_zones is not None else None
     _check_source(args)  # cheap: the model file is there (a bundle: manifest and hashes)
     samples = evaluate.find_checked_samples(args.data)  # every file decoded before model work
@@ -98,9 +108,9 @@ def _run(args: argparse.Namespace) -> int:
         scorer.info["ignore_zones"] = str(args.ignore_zones)
     scored = evaluate.score_dataset(scorer, samples, progress=not args.no_progress, zones=zones)
     thresholds = evaluate.choose_thresholds(scored, args.calibrate_on)
-    values = evaluate.compute_metrics(scored, thresholds)
+    values = evaluate.compute_metrics(scored, thresholds, args.mask_peak_fraction)
     result = report.write_report(args.out, scored, values, thresholds, scorer.source,
-                                 scorer.info, args.data, args.overlays)
+                                 scorer.info, args.data, args.overlays, args.mask_peak_fraction)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"{scorer.source} {scorer.info.get('model')}: image AUROC {fmt(result['image_auroc'])}"
           f", pixel AUROC {fmt(result['pixel_auroc'])}, AUPRO@0.3 {fmt(result['aupro'])}, "

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from haloae.defect_mask import PEAK_FRACTION, defect_mask
 from haloae.zones import IgnoreZones, ZoneSet, reduction_from_model_config
 
 from haloae.manifest import THRESHOLD_TARGET
@@ -252,15 +253,17 @@ def _pixel_metrics(scored: ScoredSet) -> dict[str, Any]:
             "aupro": metrics.aupro(masks, maps, max_fpr=0.3), "pixel_metrics_over": cover}
 
 
-def region_sizes(scored: ScoredSet, pixel_threshold: float) -> dict[str, Any] | None:
-    """How large the predicted defect (map >= ``pixel_threshold``) is against the true mask, per
-    defect image with a mask: the area ratio predicted / true and the IoU (None without masks).
-    A ratio of 3 means the reported region sizes overstate that defect three-fold."""
+def region_sizes(scored: ScoredSet, pixel_threshold: float,
+                 peak_fraction: float = PEAK_FRACTION) -> dict[str, Any] | None:
+    """How large the predicted defect (the daemon's mask rule, `haloae.defect_mask`: map >=
+    ``pixel_threshold``, each component cut at ``peak_fraction`` of its peak) is against the true
+    mask, per defect image with a mask: the area ratio predicted / true and the IoU (None without
+    masks). A ratio of 3 means the reported region sizes overstate that defect three-fold."""
     sel = np.flatnonzero((scored.labels == 1) & scored.has_mask)
     sel = sel[[bool(scored.masks[i].any()) for i in sel]] if sel.size else sel
     if sel.size == 0:
         return None
-    pred = scored.maps[sel] >= pixel_threshold
+    pred = np.stack([defect_mask(scored.maps[i], pixel_threshold, peak_fraction) for i in sel])
     true = scored.masks[sel].astype(bool)
     area_p = pred.reshape(len(sel), -1).sum(axis=1).astype(np.float64)
     area_t = true.reshape(len(sel), -1).sum(axis=1).astype(np.float64)
@@ -269,13 +272,15 @@ def region_sizes(scored: ScoredSet, pixel_threshold: float) -> dict[str, Any] | 
     ratio, iou = area_p / area_t, inter / np.maximum(union, 1)
     q = lambda v, p: float(np.quantile(v, p))  # noqa: E731
     return {"images": int(sel.size), "pixel_threshold": float(pixel_threshold),
-            "area_ratio_median": q(ratio, 0.5), "area_ratio_p10": q(ratio, 0.1),
+            "peak_fraction": float(peak_fraction), "area_ratio_median": q(ratio, 0.5), "area_ratio_p10": q(ratio, 0.1),
             "area_ratio_p90": q(ratio, 0.9), "iou_median": q(iou, 0.5),
             "missed": int(np.sum(inter == 0))}
 
 
-def compute_metrics(scored: ScoredSet, thresholds: dict[str, Any]) -> dict[str, Any]:
-    """Threshold-free metrics plus the confusion counts at ``thresholds['image']``."""
+def compute_metrics(scored: ScoredSet, thresholds: dict[str, Any],
+                    peak_fraction: float = PEAK_FRACTION) -> dict[str, Any]:
+    """Threshold-free metrics plus the confusion counts at ``thresholds['image']`` and the region
+    sizes of the daemon's masks (``peak_fraction``: its `publish.mask_peak_fraction`)."""
     f1, f1_thr = metrics.f1_max(scored.labels, scored.scores)
     pred = scored.scores >= thresholds["image"]
     y = scored.labels.astype(bool)
@@ -291,6 +296,6 @@ def compute_metrics(scored: ScoredSet, thresholds: dict[str, Any]) -> dict[str, 
                          "recall": tp / max(tp + fn, 1), "precision": tp / max(tp + fp, 1),
                          "false_positive_rate": fp / max(fp + tn, 1),
                          "recall_per_class": recall_per_class(scored, thresholds["image"])},
-        "region_sizes": region_sizes(scored, thresholds["pixel"]),
+        "region_sizes": region_sizes(scored, thresholds["pixel"], peak_fraction),
         "ms_per_image": scored.ms_per_image, "ms_per_image_total": scored.ms_per_image_total,
     }

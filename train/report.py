@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from haloae.defect_mask import PEAK_FRACTION, defect_mask
 from haloae.manifest import THRESHOLD_TARGET
 from haloae.preprocess import resize_rgb
 
@@ -184,8 +185,9 @@ def _worst(scored: ScoredSet, threshold: float, k: int) -> dict[str, tuple[list[
 
 
 def plot_overlays(scored: ScoredSet, rows: list[int], title: str, pixel_thr: float,
-                  path: Path) -> None:
-    """image | heat map with a colour bar (threshold marked) | predicted mask | ground truth."""
+                  path: Path, peak_fraction: float = PEAK_FRACTION) -> None:
+    """image | heat map with a colour bar (threshold marked) | predicted mask (the daemon's rule,
+    `haloae.defect_mask`) | ground truth."""
     plt = _plt()
     n = max(len(rows), 1)
     fig, axes = plt.subplots(n, 4, figsize=(13, 3.1 * n), squeeze=False)
@@ -193,7 +195,7 @@ def plot_overlays(scored: ScoredSet, rows: list[int], title: str, pixel_thr: flo
     vmax = 2.0 * pixel_thr  # threshold = the middle colour
     for r, i in enumerate(rows):
         rgb = resize_rgb(read_image(scored.paths[i]), (h, w))
-        pred = scored.maps[i] >= pixel_thr
+        pred = defect_mask(scored.maps[i], pixel_thr, peak_fraction)
         gt = ("ground truth" if scored.has_mask[i] or scored.labels[i] == 0
               else "ground truth: no mask")
         ax = axes[r]
@@ -206,7 +208,8 @@ def plot_overlays(scored: ScoredSet, rows: list[int], title: str, pixel_thr: flo
         bar.set_ticks([0, pixel_thr, vmax])
         bar.ax.tick_params(labelsize=7)
         ax[2].imshow(pred, cmap="gray", vmin=0, vmax=1)
-        ax[2].set_title(f"predicted mask (map >= {pixel_thr:.3g}): {int(pred.sum())} px",
+        cut = f", cut at {peak_fraction:g} x peak" if peak_fraction else ""
+        ax[2].set_title(f"predicted mask (map >= {pixel_thr:.3g}{cut}): {int(pred.sum())} px",
                         fontsize=8)
         ax[3].imshow(scored.masks[i], cmap="gray", vmin=0, vmax=1)
         ax[3].set_title(f"{gt}: {int(scored.masks[i].sum())} px" if "no mask" not in gt else gt,
@@ -278,8 +281,11 @@ def _region_lines(sizes: dict[str, Any] | None) -> list[str]:
     """Region sizes at the pixel threshold against the masks: how far reported areas are off."""
     if not sizes:
         return []
-    return [f"Region sizes at the pixel threshold {sizes['pixel_threshold']:.3g} (what the daemon "
-            f"reports as `regions[].area`), over {sizes['images']} defect images with masks: "
+    cut = sizes.get("peak_fraction", 0.0)
+    rule = (f"each region cut at {cut:g} x its peak, the daemon's `publish.mask_peak_fraction`"
+            if cut else "every pixel above it")
+    return [f"Region sizes at the pixel threshold {sizes['pixel_threshold']:.3g} ({rule}; what the "
+            f"daemon reports as `regions[].area`), over {sizes['images']} defect images with masks: "
             f"predicted area / true area median {sizes['area_ratio_median']:.2f} "
             f"(10-90 %: {sizes['area_ratio_p10']:.2f}-{sizes['area_ratio_p90']:.2f}), IoU "
             f"median {sizes['iou_median']:.2f}, {sizes['missed']} defects not touched by the "
@@ -318,9 +324,9 @@ def write_scores_csv(scored: ScoredSet, path: Path) -> None:
 
 def write_report(out: Path, scored: ScoredSet, metric_values: dict[str, Any],
                  thresholds: dict[str, Any], source: str, model_info: dict[str, Any],
-                 data: Path, overlays: int = 4) -> dict[str, Any]:
-    """Write metrics.json, report.md, scores.csv and the figures into ``out``; return the
-    metrics dict."""
+                 data: Path, overlays: int = 4, peak_fraction: float = PEAK_FRACTION) -> dict[str, Any]:
+    """Write metrics.json, report.md, scores.csv and the figures into ``out`` (masks cut at
+    ``peak_fraction`` of their peak, as the daemon does); return the metrics dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_roc(scored, out / "roc.png", thresholds)
@@ -328,7 +334,7 @@ def write_report(out: Path, scored: ScoredSet, metric_values: dict[str, Any],
     plot_histogram(scored, thresholds["image"], out / "score_hist.png")
     figures = ["roc.png", "pr.png", "score_hist.png"]
     for name, (rows, title) in _worst(scored, thresholds["image"], overlays).items():
-        plot_overlays(scored, rows, title, thresholds["pixel"], out / f"{name}.png")
+        plot_overlays(scored, rows, title, thresholds["pixel"], out / f"{name}.png", peak_fraction)
         figures.append(f"{name}.png")
     result = _clean({
         **metric_values, "source": source, "data": str(data),

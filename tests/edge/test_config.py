@@ -55,6 +55,7 @@ def _assert_one_line(proc, kind: str, *needles: str) -> str:
     (lambda c: c["cameras"].append({"id": "g", "source": "videotestsrc ! appsink", "kind": "gstreamer"}),
      ["cameras.1.source:"]),
     (lambda c: c.update(alarms={"n": 6, "m": 5}), ["alarms:", "must be <= alarms.m"]),
+    (lambda c: c["publish"].update(mask_peak_fraction=1), ["publish.mask_peak_fraction:", "less than 1"]),
 ])
 def test_config_errors_one_line_exit_2(tmp_path, mutate, needles):
     bundle = tmp_path / "bundle"  # enough for schema errors; the bundle check comes later

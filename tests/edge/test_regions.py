@@ -65,3 +65,17 @@ def test_overlay_marks_only_defect_pixels():
     assert (out[12:18, 12:18] != 100).any()          # heat map blended in
     jpg = regions.encode_jpeg(out)
     assert jpg[:2] == b"\xff\xd8"
+
+
+def test_analyse_cuts_each_region_at_the_configured_fraction_of_its_peak():
+    from types import SimpleNamespace
+
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    small = 12.0 * np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / (2 * 6.0 ** 2))  # model resolution
+    r = SimpleNamespace(anomalous=True, anomaly_map=small.astype(np.float32), pixel_threshold=0.5,
+                        frame=np.zeros((128, 128, 3), np.uint8), zones=None)
+    _, plain, (p,) = regions.analyse(r, peak_fraction=0.0)
+    amap, half, (h,) = regions.analyse(r)  # default: half maximum
+    assert half.shape == plain.shape == (128, 128)
+    assert h["area"] < p["area"] / 3 and h["max_score"] == p["max_score"]
+    assert amap[half > 0].min() >= 0.5 * amap.max() - 1e-4

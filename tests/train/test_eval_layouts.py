@@ -124,7 +124,7 @@ def _scored_partial_masks(tmp_path, size=32):
 def test_pixel_metrics_only_over_images_with_masks(tmp_path):
     scored = _scored_partial_masks(tmp_path)
     thr = {"method": "holdout", "image": 0.5, "pixel": 0.5}
-    values = evaluate.compute_metrics(scored, thr)
+    values = evaluate.compute_metrics(scored, thr, peak_fraction=0.0)  # masks: the plain threshold
     # had the mask-less images counted with empty masks, their true defect pixels would be
     # "false positives" and pixel AUROC would fall well below 1
     assert values["pixel_auroc"] > 0.99
@@ -138,12 +138,16 @@ def test_pixel_metrics_only_over_images_with_masks(tmp_path):
                      "classes_without_masks": {"bad": 3}}
     sizes = values["region_sizes"]
     assert sizes["images"] == 3 and sizes["area_ratio_median"] == pytest.approx(144 / 64)
+    # the daemon's default rule cuts each blob at half its peak: tighter, the defect still found
+    half = evaluate.compute_metrics(scored, thr)["region_sizes"]
+    assert half["peak_fraction"] == 0.5 and 1.0 <= half["area_ratio_median"] < 144 / 64
+    assert half["missed"] == sizes["missed"] == 0 and half["iou_median"] > sizes["iou_median"]
     out = tmp_path / "report"
     report.write_report(out, scored, values, thr, "bundle", {"model": "toy"}, tmp_path)
     md = (out / "report.md").read_text()
     assert "the 9 images with known masks (6 good, 3 defective with a mask)" in md
     assert "3 defective images have no mask (bad 3) and count for image metrics only" in md
-    assert "predicted area / true area median 2.25" in md
+    assert "predicted area / true area median 2.25" in md and "(every pixel above it;" in md
     for name in ("roc.png", "pr.png", "score_hist.png", "worst_false_negatives.png"):
         assert (out / name).stat().st_size > 5000, name
 
