@@ -72,7 +72,7 @@ class LiveView:
             cam = self.cameras[camera]
             raw = self.raw_frame(camera) if (self.raw_frame and cam.roi is not None) else None
             img = draw_result(r, self.cfg.publish.min_region_area, self.cfg.publish.max_regions, raw, cam.roi,
-                                  self.cfg.publish.mask_peak_fraction)
+                              self.cfg.publish.mask_peak_fraction)
             data = (seq, regions.encode_jpeg(img, self.cfg.http.jpeg_quality))
             self._jpeg[camera] = data
             self.encoded += 1

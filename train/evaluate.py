@@ -272,7 +272,8 @@ def region_sizes(scored: ScoredSet, pixel_threshold: float,
     ratio, iou = area_p / area_t, inter / np.maximum(union, 1)
     q = lambda v, p: float(np.quantile(v, p))  # noqa: E731
     return {"images": int(sel.size), "pixel_threshold": float(pixel_threshold),
-            "peak_fraction": float(peak_fraction), "area_ratio_median": q(ratio, 0.5), "area_ratio_p10": q(ratio, 0.1),
+            "peak_fraction": float(peak_fraction), "area_ratio_median": q(ratio, 0.5),
+            "area_ratio_p10": q(ratio, 0.1),
             "area_ratio_p90": q(ratio, 0.9), "iou_median": q(iou, 0.5),
             "missed": int(np.sum(inter == 0))}
 

@@ -101,6 +101,17 @@ def test_cli_reports_unreadable_files_before_loading_the_model(tmp_path, capsys)
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_cli_refuses_a_mask_peak_fraction_outside_0_1_before_any_work(tmp_path, capsys):
+    _png(tmp_path / "d" / "good" / "g0.png", 0)
+    code = eval_cli.main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path / "d"),
+                          "--out", str(tmp_path / "out"), "--mask-peak-fraction", "1.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = [ln for ln in err.splitlines() if ln.strip()]
+    assert line.startswith("haloae-eval: error: --mask-peak-fraction: mask peak fraction 1.5: use a value in [0, 1)")
+    assert not (tmp_path / "out").exists()
+
+
 def _scored_partial_masks(tmp_path, size=32):
     """6 good, 6 defect; only the first 3 defect images have masks; 3 have none."""
     rng = np.random.default_rng(0)
