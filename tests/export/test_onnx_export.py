@@ -136,3 +136,75 @@ def test_downgrade_moves_reduce_axes_to_attributes():
     onnx.checker.check_model(model, full_check=True)
     assert list(model.graph.node[0].input) == ["x"] and not model.graph.initializer
     assert helper.get_attribute_value(model.graph.node[0].attribute[-1]) == [1]
+
+
+def _padded_conv_graph(zero: float = 0.0, extra_user: bool = False) -> onnx.ModelProto:
+    """x -> Concat(x, zeros row, axis 2) -> Concat(., zeros column, axis 3) -> Conv stride 2, as
+    the exporter writes TF 'same' padding (`SameConv2d`); ``zero`` != 0 or ``extra_user`` (the
+    padded tensor is also a graph output) must not fold."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 3, 1, 8], np.int64), "row_shape"),
+             numpy_helper.from_array(np.array([1, 3, 9, 1], np.int64), "col_shape")]
+    fill = helper.make_tensor("v", TensorProto.FLOAT, [1], [zero])
+    nodes = [helper.make_node("ConstantOfShape", ["row_shape"], ["row"], value=fill),
+             helper.make_node("ConstantOfShape", ["col_shape"], ["col"], value=fill),
+             helper.make_node("Concat", ["x", "row"], ["xr"], axis=2),
+             helper.make_node("Concat", ["xr", "col"], ["xrc"], axis=3),
+             helper.make_node("Conv", ["xrc", "w"], ["y"], strides=[2, 2], pads=[0, 0, 0, 0])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])]
+    if extra_user:
+        outputs.append(helper.make_tensor_value_info("xrc", TensorProto.FLOAT, [1, 3, 9, 9]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 8, 8])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_zero_padding_concats_fold_into_exact_asymmetric_conv_pads():
+    import onnxruntime as ort
+
+    from haloae.export.onnx_export import fold_zero_padding
+
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"x": x})[0]
+    model = _padded_conv_graph()
+    before = run(model)
+    assert fold_zero_padding(model) == 2
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Conv"] and not model.graph.initializer[1:]
+    pads = next(helper.get_attribute_value(a) for a in model.graph.node[0].attribute if a.name == "pads")
+    assert list(pads) == [0, 0, 1, 1]  # height / width end padding: TF 'same' at stride 2
+    np.testing.assert_array_equal(run(model), before)
+    for untouched in (_padded_conv_graph(zero=1.0), _padded_conv_graph(extra_user=True)):
+        n = len(untouched.graph.node)
+        assert fold_zero_padding(untouched) == 0 and len(untouched.graph.node) == n
+
+
+def test_edge_trunk_exports_without_padding_concats(tmp_path):
+    """The EfficientNet trunk's stride-2 convs come out with asymmetric pads, no Concat before them."""
+    from haloae.export.onnx_export import export_onnx
+    from haloae.train.backbones import SameConv2d
+
+    conv = torch.nn.Sequential(SameConv2d(3, 8, 3, 2, 32), torch.nn.ReLU6(), SameConv2d(8, 8, 5, 2, 16, groups=8))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.amax(dim=(1, 2, 3)), y.mean(dim=1, keepdim=True)
+
+    model = export_onnx(Net().eval(), (1, 3, 32, 32), tmp_path / "m.onnx")
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Conv") == 2 and "Concat" not in ops and "ConstantOfShape" not in ops
+    import onnxruntime as ort
+    x = torch.rand(1, 3, 32, 32)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        want = Net().eval()(x)
+    np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-5, atol=1e-5)
