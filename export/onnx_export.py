@@ -49,13 +49,21 @@ def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _pop_attr(node: onnx.NodeProto, name: str, default):
-    for i, attr in enumerate(node.attribute):
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
         if attr.name == name:
             value = helper.get_attribute_value(attr)
-            del node.attribute[i]
             return value.decode() if isinstance(value, bytes) else value
     return default
+
+
+def _pop_attr(node: onnx.NodeProto, name: str, default):
+    value = _attr(node, name, default)
+    for i, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[i]
+            break
+    return value
 
 
 def _static_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -133,39 +141,37 @@ def fold_zero_padding(model: onnx.ModelProto) -> int:
     number of Concat nodes removed."""
     graph = model.graph
     consts = _constant_values(graph)
-    folded = 0
-    while True:
-        producer = {out: n for n in graph.node for out in n.output}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in graph.node:
-            for name in n.input:
-                consumers.setdefault(name, []).append(n)
-        outputs = {o.name for o in graph.output}
-        for node in graph.node:
-            if node.op_type != "Concat" or len(node.input) != 2 or node.output[0] in outputs:
-                continue
-            users = consumers.get(node.output[0], [])
-            if not users or any(u.op_type != "Conv" or u.input[0] != node.output[0] for u in users):
-                continue
-            axis = int(next(a.i for a in node.attribute if a.name == "axis"))
-            block = _zero_block(producer.get(node.input[1]), consts)
-            if block is None or len(block) != 4 or axis % 4 not in (2, 3):
-                continue
-            if any(_pop_attr(u, "auto_pad", "NOTSET") != "NOTSET" for u in users):
-                raise ExportError(f"node {users[0].name} (Conv): auto_pad after a zero Concat")
-            spatial = axis % 4 - 2  # 0 = height, 1 = width
-            for u in users:
-                pads = list(_pop_attr(u, "pads", [0, 0, 0, 0]))
-                pads[2 + spatial] += block[axis % 4]
-                u.attribute.append(helper.make_attribute("pads", pads))
-                u.input[0] = node.input[0]
-            graph.node.remove(node)
-            folded += 1
-            break
-        else:
-            break
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    outputs = {o.name for o in graph.output}
+    folded = []
+    # last node first: the column Concat folds before the row Concat that feeds it
+    for node in reversed(graph.node):
+        if node.op_type != "Concat" or len(node.input) != 2 or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        if not users or any(u.op_type != "Conv" or u.input[0] != node.output[0]
+                            or _attr(u, "auto_pad", "NOTSET") != "NOTSET" for u in users):
+            continue
+        axis = int(_attr(node, "axis", 0)) % 4
+        block = _zero_block(producer.get(node.input[1]), consts)
+        if block is None or len(block) != 4 or axis not in (2, 3):
+            continue
+        for u in users:
+            pads = list(_pop_attr(u, "pads", [0, 0, 0, 0]))
+            pads[axis] += block[axis]  # pads [h_begin, w_begin, h_end, w_end]: end of axis 2 / 3
+            u.attribute.append(helper.make_attribute("pads", pads))
+            u.input[0] = node.input[0]
+        source = consumers[node.input[0]]
+        consumers[node.input[0]] = [c for c in source if c is not node] + users
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
     _drop_dead_nodes(graph)
-    return folded
+    return len(folded)
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:

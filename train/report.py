@@ -281,7 +281,7 @@ def _region_lines(sizes: dict[str, Any] | None) -> list[str]:
     """Region sizes at the pixel threshold against the masks: how far reported areas are off."""
     if not sizes:
         return []
-    cut = sizes.get("peak_fraction", 0.0)
+    cut = sizes["peak_fraction"]
     rule = (f"each region cut at {cut:g} x its peak, the daemon's `publish.mask_peak_fraction`"
             if cut else "every pixel above it")
     return [f"Region sizes at the pixel threshold {sizes['pixel_threshold']:.3g} ({rule}; what the "
