@@ -20,10 +20,19 @@ once per frame, so its bytes are what the Gaussian costs on a CPU. On MTD 2x2 ce
 and pixel AUROC (docs/benchmarks.md, lever row 31: the covariance is local), so the shipped
 configs keep 1.
 
-All statistics are registered buffers (checkpoint state dict and exported graph). Export:
-Gather (channel subset), Reshape, Transpose, Sub, batched MatMul [P/s^2, s^2 N, d] x
-[P/s^2, d, k], Mul, ReduceSum, Sqrt - static shapes, TensorRT-common. The projection is
-pre-scaled so that the sum of squares stays far below the fp16 maximum.
+With every direction kept (``rank`` 0, the shipped ``edge``) any factor ``W`` with
+``W W^T = cov^-1`` gives the same distance, so the projection is stored upper-triangular (a
+Cholesky factor: column j reads only the first j + 1 channels) and applied in
+``TRIANGLE_BLOCKS`` column blocks, block b reading only the channel prefix it needs. The
+weights read per frame fall to (B + 1) / 2B of the dense matrix (5/8 for 4 blocks: 127 ->
+80 MB on MTD; docs/benchmarks.md, latency), the distance is the same to fp32 rounding, and a
+checkpoint saved with the older dense eigenvector projection is converted when it loads.
+
+All statistics are registered buffers (checkpoint state dict and exported graph; the blocks
+are non-persistent copies cut from ``proj``). Export: Gather (channel subset), Reshape,
+Transpose, Sub, Slice, batched MatMul [P/s^2, s^2 N, d_b] x [P/s^2, d_b, k_b], Mul,
+ReduceSum, Add, Sqrt - static shapes, TensorRT-common. The projection is pre-scaled so that
+the sum of squares stays far below the fp16 maximum.
 """
 from __future__ import annotations
 
@@ -39,6 +48,21 @@ from .config import ModelCfg
 _LOG = logging.getLogger(__name__)
 
 FP16_SCALE = 16.0  # z / FP16_SCALE is squared: fp16-safe up to |z| ~ 4000 per direction
+TRIANGLE_BLOCKS = 4  # column blocks of a full-rank projection (4: 5/8 of the dense weights)
+
+
+def upper_factor(proj: torch.Tensor) -> torch.Tensor:
+    """[..., d, d] whitening ``W`` -> upper-triangular ``U`` with ``U U^T = W W^T`` (float64
+    inside), so ``|x U| = |x W|`` for every row vector ``x`` and column j of ``U`` reads only
+    ``x[:j + 1]``. Cholesky of the flipped matrix: ``J M J = L L^T`` gives ``M = (J L J)(J L J)^T``."""
+    w = proj.double()
+    m = w @ w.transpose(-1, -2)
+    lower = torch.linalg.cholesky(m.flip(-1, -2))
+    return lower.flip(-1, -2).to(proj.dtype)
+
+
+def is_upper(proj: torch.Tensor) -> bool:
+    return bool((torch.tril(proj, diagonal=-1) == 0).all())
 
 
 class PositionGaussian(nn.Module):
@@ -63,6 +87,25 @@ class PositionGaussian(nn.Module):
         self.register_buffer("mean", torch.zeros(p, 1, d))
         self.register_buffer("proj", torch.zeros(p // share ** 2, d, k))  # one per cell
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.blocks: list[int] = []  # the channel prefix each column block reads; [] = dense
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._triangulate())
+
+    def _triangulate(self) -> None:
+        """Make a full-rank projection upper-triangular and cut it into prefix blocks (the
+        non-persistent ``proj_block<i>`` buffers the forward reads); leave a reduced rank dense."""
+        for name in [n for n, _ in self.named_buffers() if n.startswith("proj_block")]:
+            delattr(self, name)
+        self.blocks = []
+        if self.rank != self.dims or not bool(self.fitted):
+            return
+        if not is_upper(self.proj):
+            self.proj.copy_(upper_factor(self.proj))
+        step = -(-self.dims // TRIANGLE_BLOCKS)
+        for i, start in enumerate(range(0, self.dims, step)):
+            end = min(start + step, self.dims)
+            self.blocks.append(end)
+            self.register_buffer(f"proj_block{i}", self.proj[:, :end, start:end].clone(),
+                                 persistent=False)
 
     @classmethod
     def for_config(cls, channels: int, cfg: ModelCfg) -> "PositionGaussian":
@@ -112,8 +155,9 @@ class PositionGaussian(nn.Module):
         proj = evecs / evals.clamp_min(self.eps).sqrt()[:, None, :]  # P, d, k: whitening
         proj = proj / (self.rank ** 0.5 * FP16_SCALE)  # sum of squares = mean / FP16_SCALE^2
         self.mean.copy_(mean[:, None, :].float())
-        self.proj.copy_(proj.float())
+        self.proj.copy_((upper_factor(proj) if self.rank == self.dims else proj).float())
         self.fitted.fill_(True)
+        self._triangulate()
         total = torch.diagonal(cov, dim1=1, dim2=2).sum(1)
         info = {"images": n, "dims": self.dims, "rank": self.rank, "share": self.share,
                 "min_eigenvalue": float(evals[:, 0].min()),
@@ -128,8 +172,16 @@ class PositionGaussian(nn.Module):
         s, (gh, gw) = self.share, self.grid_hw
         x = self._positions(residual) - self.mean  # P, N, d
         x = self._cells(x).reshape(-1, s * s * n, self.dims)  # P/s^2, s^2 N, d (s = 1: P, N, d)
-        z = torch.matmul(x, self.proj)  # P/s^2, s^2 N, k: scaled whitened coordinates
-        e = z.pow(2).sum(dim=2).sqrt() * FP16_SCALE  # RMS Mahalanobis over k directions
+        if self.blocks:  # upper-triangular: each column block reads its channel prefix only
+            sq = None
+            for i, end in enumerate(self.blocks):
+                z = torch.matmul(x[:, :, :end], getattr(self, f"proj_block{i}"))
+                part = z.pow(2).sum(dim=2)
+                sq = part if sq is None else sq + part
+        else:
+            z = torch.matmul(x, self.proj)  # P/s^2, s^2 N, k: scaled whitened coordinates
+            sq = z.pow(2).sum(dim=2)
+        e = sq.sqrt() * FP16_SCALE  # RMS Mahalanobis over k directions
         e = e.reshape(gh // s, gw // s, s, s, n).permute(4, 0, 2, 1, 3)  # N, gh/s, s, gw/s, s
         return e.reshape(n, 1, gh, gw)
 

@@ -126,6 +126,77 @@ def test_position_gaussian_shared_cells_pool_the_covariance_and_keep_the_mean():
         PositionGaussian(5, (4, 6), share=4)
 
 
+def _fitted_full_gaussian(share: int = 1) -> tuple[PositionGaussian, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    res = torch.randn(60, 10, 4, 4, generator=gen) * torch.linspace(0.3, 3, 10)[None, :, None, None]
+    res[:, 1] += 0.8 * res[:, 0]  # correlated channels: the factor must not be diagonal
+    g = PositionGaussian(10, (4, 4), eps=0.01, share=share)
+    g.fit([res])
+    return g, torch.randn(3, 10, 4, 4, generator=gen) * 2
+
+
+@pytest.mark.parametrize("share", [1, 2])
+def test_full_rank_projection_is_triangular_and_read_in_prefix_blocks(share):
+    """rank 0: the stored factor is upper-triangular, the forward reads 4 column blocks over
+    growing channel prefixes (at d = 10: 3x3 + 6x3 + 9x3 + 10x1 = 64 of the 100 weights per
+    position), and the distance is the dense product with that factor."""
+    from haloae.train.position_gaussian import TRIANGLE_BLOCKS, is_upper
+
+    g, test = _fitted_full_gaussian(share)
+    assert is_upper(g.proj) and not torch.allclose(g.proj, torch.diagonal(g.proj, dim1=1, dim2=2).diag_embed())
+    assert g.blocks == [3, 6, 9, 10] and TRIANGLE_BLOCKS == 4
+    read = sum(getattr(g, f"proj_block{i}").numel() for i in range(len(g.blocks)))
+    assert read == 0.64 * g.proj.numel()  # the zeros below the diagonal are never read
+    assert not [k for k in g.state_dict() if k.startswith("proj_block")]  # not saved twice
+    with torch.no_grad():
+        blocked = g(test)
+        dense = torch.matmul(g._cells(g._positions(test) - g.mean).reshape(-1, share * share * 3, 10),
+                             g.proj).pow(2).sum(2).sqrt()
+    dense = dense.reshape(4 // share, 4 // share, share, share, 3).permute(4, 0, 2, 1, 3).reshape(3, 1, 4, 4)
+    torch.testing.assert_close(blocked, dense * 16.0, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dense_full_rank_projection_from_an_older_checkpoint_is_converted_on_load():
+    """Checkpoints before the triangular factor hold the dense eigenvector whitening ``W``:
+    loading one (alone or inside a parent module) stores ``U`` with ``U U^T = W W^T`` and the
+    map is unchanged."""
+    g, test = _fitted_full_gaussian()
+    q, _ = torch.linalg.qr(torch.randn(16, 10, 10, generator=torch.Generator().manual_seed(4)))
+    old = {k: v.clone() for k, v in g.state_dict().items()}
+    old["proj"] = g.proj @ q.transpose(1, 2)  # another factor of the same precision: dense
+    with torch.no_grad():
+        want = g(test)
+    parent = torch.nn.Module()
+    parent.gaussian = PositionGaussian(10, (4, 4), eps=0.01)
+    parent.load_state_dict({f"gaussian.{k}": v for k, v in old.items()})
+    from haloae.train.position_gaussian import is_upper
+
+    assert is_upper(parent.gaussian.proj) and parent.gaussian.blocks == [3, 6, 9, 10]
+    with torch.no_grad():
+        torch.testing.assert_close(parent.gaussian(test), want, rtol=1e-4, atol=1e-5)
+
+
+def test_full_rank_gaussian_exports_its_blocks_not_the_dense_matrix(tmp_path):
+    """The exported graph matches torch and holds the prefix blocks (64 of the 100 weights
+    per position) and the means, not the full projection."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    g, test = _fitted_full_gaussian()
+    path = tmp_path / "g.onnx"
+    torch.onnx.export(g.eval(), (test,), str(path), opset_version=17, dynamo=True, verbose=False)
+    sizes = [numpy_helper.to_array(t).size for t in onnx.load(str(path)).graph.initializer]
+    blocks = [getattr(g, f"proj_block{i}").numel() for i in range(4)]
+    assert sorted(n for n in sizes if n >= 100) == sorted([g.mean.numel(), *blocks])  # no dense proj
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: test.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, g(test).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_position_gaussian_warns_when_images_are_fewer_than_channels(caplog):
     g = PositionGaussian(8, (2, 2))
     with caplog.at_level("WARNING", logger="haloae.train.position_gaussian"):
