@@ -41,6 +41,16 @@ per-class AUPRO that explains a pooled one:
     python bench/levers.py maps --run runs/mtd-edge --data ../shared/data/mtd \
         --out bench/results/levers-mtd-maps.json
 
+``few`` asks how the position-wise Gaussian fares with few good images (a new line may have a
+hundred): its Gaussian is fitted on N of the run's training images and its position statistics
+on N/3 of its held-out ones (a set of 4N/3 good images with the default 25 % holdout, or
+``--holdout h``: N h / (1 - h)), over all
+channels or a seeded random subset of D of them, beside PaDiM fitted on the same 4N/3 images
+(Block C stays the one trained on all; the rows isolate the estimate):
+
+    python bench/levers.py few --run runs/mtd-edge-v4 --data ../shared/data/mtd \
+        --images 60,100,200,427 --dims 0,100,64 --out bench/results/levers-mtd-few.json
+
 It prints and writes one row per form: image / pixel AUROC, AUPRO@0.3 (pooled and per class),
 per-class AUROC, and the share of the normal pixels of defective images that the map raises
 above the good images' 95th pixel percentile (`bench/accuracy.py` reports the same).
@@ -243,15 +253,15 @@ def _run_features(args, raw_layers: bool = False, transform=None):
     return model, test, splits
 
 
-def _fit_apply(train, apply_to, rank, eps, grid_hw, share=1):
-    """Fit a `PositionGaussian` (all channels, ``rank`` least-variance directions, 0 = all, one
-    covariance per ``share`` x ``share`` cell) on ``train`` [N, C, gh, gw]; return its error maps
-    of every tensor in ``apply_to``."""
+def _fit_apply(train, apply_to, rank, eps, grid_hw, share=1, dims=0):
+    """Fit a `PositionGaussian` (``dims`` channels, 0 = all, ``rank`` least-variance directions,
+    0 = all, one covariance per ``share`` x ``share`` cell) on ``train`` [N, C, gh, gw]; return
+    its error maps of every tensor in ``apply_to``."""
     import torch
 
     from haloae.train.position_gaussian import PositionGaussian
 
-    g = PositionGaussian(train.shape[1], grid_hw, 0, rank, eps=eps, share=share)
+    g = PositionGaussian(train.shape[1], grid_hw, dims, rank, eps=eps, share=share)
     g.fit([train[i:i + 64].float() for i in range(0, len(train), 64)])
     with torch.no_grad():
         return [torch.cat([g(x[i:i + 32].float()) for i in range(0, len(x), 32)])
@@ -366,6 +376,40 @@ def maps(args) -> int:
     return _write(args, rows)
 
 
+def few(args) -> int:
+    """The Gaussian (and PaDiM for reference) estimated from few good images; see the module doc."""
+    import torch
+
+    from haloae.train.anomaly_map import smooth, upsample
+    from peers import Padim
+
+    torch.set_num_threads(args.threads)
+    model, test, sp = _run_features(args, raw_layers=True)
+    cfg, hw, grid = model.cfg, model.cfg.hw, model.cfg.backbone.grid_hw
+    m, rows = cfg.map, []
+    gen = torch.Generator().manual_seed(args.seed)
+    order = {k: torch.randperm(len(sp[k][0]), generator=gen) for k in ("tr", "po")}
+
+    def raw(split, idx=None):
+        layers = sp[split][1] if idx is None else [t[idx] for t in sp[split][1]]
+        return model.backbone.stack([t.float() for t in layers])
+
+    raw_te = raw("te")
+    for n in [int(v) for v in args.images.split(",")]:
+        tr = order["tr"][:min(n, len(order["tr"]))]
+        po = order["po"][:max(2, min(round(n * args.holdout / (1 - args.holdout)), len(order["po"])))]
+        for d in [int(v) for v in args.dims.split(",")]:
+            e_te, e_po = _fit_apply(sp["tr"][0][tr], [sp["te"][0], sp["po"][0][po]], 0,
+                                    m.gaussian_eps, grid, dims=d)
+            z = _posnorm(e_te, e_po, m.sigma, hw)
+            _row(f"N {len(tr)} + {len(po)}: gauss d{d or sp['tr'][0].shape[1]}",
+                 upsample(z, hw)[:, 0].numpy(), test, rows)
+        padim = Padim(dims=100, seed=0).fit(torch.cat([raw("tr", tr), raw("po", po)]))
+        _row(f"N {len(tr)} + {len(po)}: PaDiM d100 on all {len(tr) + len(po)}",
+             upsample(smooth(padim.predict(raw_te), m, hw), hw)[:, 0].numpy(), test, rows)
+    return _write(args, rows)
+
+
 # per-image input normalisations of the `inputs` subcommand (lever row 27), on model inputs
 # [3, H, W] in [0, 1]; targets: MTD's median training image (mean 107, std 29 grey levels)
 _MEAN, _STD = 107 / 255, 29 / 255
@@ -458,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     i = run_parser("inputs", "a trained run re-scored with per-image input normalisations", inputs)
     i.add_argument("--forms", default="none,gain,standard,flat,gamma",
                    help=f"comma list of: {', '.join(INPUT_FORMS)}")
+    w = run_parser("few", "the Gaussian and PaDiM estimated from few good images", few)
+    w.add_argument("--images", default="60,100,200", help="comma list of training-image counts N")
+    w.add_argument("--dims", default="0,100", help="comma list of Gaussian channel counts (0 = all)")
+    w.add_argument("--holdout", type=float, default=0.25,
+                   help="held-out share of the good images: N / (1 - h) * h set the position statistics")
+    w.add_argument("--seed", type=int, default=0, help="which images are drawn")
     args = p.parse_args(argv)
     return args.func(args)
 
