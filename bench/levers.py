@@ -44,9 +44,10 @@ per-class AUPRO that explains a pooled one:
 ``few`` asks how the position-wise Gaussian fares with few good images (a new line may have a
 hundred): its Gaussian is fitted on N of the run's training images and its position statistics
 on N/3 of its held-out ones (a set of 4N/3 good images with the default 25 % holdout, or
-``--holdout h``: N h / (1 - h)), over all
-channels or a seeded random subset of D of them, beside PaDiM fitted on the same 4N/3 images
-(Block C stays the one trained on all; the rows isolate the estimate):
+``--holdout h``: N h / (1 - h)), over all channels or a seeded random subset of D of them,
+beside PaDiM fitted on the same 4N/3 images (Block C stays the one trained on all; the rows
+isolate the estimate); ``--pool`` adds the Gaussian fitted on all 4N/3 images, PaDiM's way,
+with position statistics from 5-fold out-of-fold maps:
 
     python bench/levers.py few --run runs/mtd-edge-v4 --data ../shared/data/mtd \
         --images 60,100,200,427 --dims 0,100,64 --out bench/results/levers-mtd-few.json
@@ -404,6 +405,17 @@ def few(args) -> int:
             z = _posnorm(e_te, e_po, m.sigma, hw)
             _row(f"N {len(tr)} + {len(po)}: gauss d{d or sp['tr'][0].shape[1]}",
                  upsample(z, hw)[:, 0].numpy(), test, rows)
+        if args.pool:  # the Gaussian on all 4N/3, position statistics from out-of-fold maps
+            every = torch.cat([sp["tr"][0][tr], sp["po"][0][po]])
+            (e_te,) = _fit_apply(every, [sp["te"][0]], 0, m.gaussian_eps, grid)
+            folds = torch.randperm(len(every), generator=gen).chunk(5)
+            oof = torch.zeros(len(every), 1, *grid)
+            for f in folds:
+                rest = torch.cat([g for g in folds if g is not f])
+                (oof[f],) = _fit_apply(every[rest], [every[f]], 0, m.gaussian_eps, grid)
+            z = _posnorm(e_te, oof, m.sigma, hw)
+            _row(f"N {len(tr)} + {len(po)}: gauss d{sp['tr'][0].shape[1]} on all {len(every)}, "
+                 "position statistics out of 5 folds", upsample(z, hw)[:, 0].numpy(), test, rows)
         padim = Padim(dims=100, seed=0).fit(torch.cat([raw("tr", tr), raw("po", po)]))
         _row(f"N {len(tr)} + {len(po)}: PaDiM d100 on all {len(tr) + len(po)}",
              upsample(smooth(padim.predict(raw_te), m, hw), hw)[:, 0].numpy(), test, rows)
@@ -508,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--holdout", type=float, default=0.25,
                    help="held-out share of the good images: N / (1 - h) * h set the position statistics")
     w.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    w.add_argument("--pool", action="store_true",
+                   help="also: the Gaussian on all 4N/3 images, position statistics from 5-fold "
+                        "out-of-fold maps")
     args = p.parse_args(argv)
     return args.func(args)
 
