@@ -208,3 +208,29 @@ def test_edge_trunk_exports_without_padding_concats(tmp_path):
     with torch.no_grad():
         want = Net().eval()(x)
     np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_full_rank_gaussian_bundle_reads_prefix_blocks_with_parity(tmp_path, fit_untrained):
+    """`edge` keeps every Gaussian direction (rank 0): its bundle carries the triangular factor
+    as 4 prefix blocks (Slice + MatMul), passes the TensorRT operator check and the fp32 / fp16
+    parity of the export, and the bundle run through ONNX Runtime matches torch."""
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny")
+    cfg.map.gaussian_rank = 0  # all 64 channels
+    model = create_model(cfg, pretrained=False).eval()
+    calibration = fit_untrained(model)
+    assert model.gaussian.blocks == [16, 32, 48, 64]
+    ckpt = save_checkpoint(tmp_path / "full.pt", model, calibration, {"epochs": 0, "seed": 0})
+    manifest = export_bundle(ckpt, tmp_path / "bundle", fp16=True, batch=1, samples=2,
+                             threads=2).to_dict()
+    graph = onnx.load(str(tmp_path / "bundle" / B.MODEL_FP32))
+    shapes = {tuple(t.dims[-2:]) for t in graph.graph.initializer if len(t.dims) == 3}
+    assert {(16, 16), (32, 16), (48, 16), (64, 16)} <= shapes  # the blocks: prefix x columns
+    assert (64, 64) not in shapes  # the full factor never ships
+    assert sum(n.op_type == "Slice" for n in graph.graph.node) == 3  # the last prefix is all
+    assert manifest["parity"]["fp32"]["max_abs_score"] <= 1e-4
+    loaded, _ = load_checkpoint(ckpt)
+    x, _ = parity.sample_images(3, 128, seed=3)
+    ref = parity.torch_runner(HaloAEInference(loaded), 1)(x)
+    got = parity.run_bundle(B.Bundle.open(tmp_path / "bundle"), "fp32", x, threads=1)
+    assert np.max(np.abs(ref[0] - got[0])) <= 1e-4 and np.max(np.abs(ref[1] - got[1])) <= 1e-3
