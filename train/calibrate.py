@@ -161,12 +161,14 @@ def _set_position_stats(model: torch.nn.Module, maps: torch.Tensor) -> None:
 def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 0.99,
               pixel_quantile: float = 0.999, device: Any = "cpu",
               out_of_fold: Optional[torch.Tensor] = None, folds: int = 5,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, maps: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """Fit ``model.calibration`` on the held-out normal images of ``loader`` (batches: image
     tensors [B, 3, H, W] in [0, 1], or `data.ImageDataset` dicts); returns the calibration
     dict. ``out_of_fold``: grid maps of more normal images (`fit_stats.out_of_fold_maps`).
+    ``maps``: grid maps of the held-out images to calibrate on instead of the loader's
+    (``gaussian_fit: all``: their out-of-fold maps, since the shipped Gaussian saw them).
     Steps and why: module doc."""
-    maps = _grid_maps(model, loader, device)
+    maps = _grid_maps(model, loader, device) if maps is None else maps
     n = maps.shape[0]
     info: dict[str, Any] = {}
     if model.cfg.map.position_norm:

@@ -121,7 +121,8 @@ def fit_gaussian(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tens
 @torch.no_grad()
 def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tensor],
                      held_out: torch.Tensor, device: torch.device, folds: int = 5, seed: int = 0,
-                     batch: int = 16, progress: bool = False) -> Optional[torch.Tensor]:
+                     batch: int = 16, progress: bool = False,
+                     match_size: bool = True) -> Optional[torch.Tensor]:
     """Smoothed grid maps [N, 1, gh, gw] (before position normalisation) of the N training
     images, each under a position-wise Gaussian fitted without it: the images are split into
     ``folds`` seeded folds, and fold k is scored by a copy of the model's Gaussian fitted on
@@ -131,8 +132,12 @@ def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
     Block C saw these images in training; their maps are honest normal maps only as far as
     Block C does not overfit, which is why `calibrate.thresholds_from_scores` never lets them
     lower the held-out images' threshold. None without ``map.error: gaussian`` or held-out
-    images (nothing to fill a fold's place with)."""
-    if model.gaussian is None or held_out.shape[0] == 0 or images.shape[0] < 2:
+    images (nothing to fill a fold's place with).
+
+    ``match_size=False`` (``gaussian_fit: all``, where the shipped Gaussian saw every good
+    image): ``images`` are all of them, fold k is scored by a Gaussian on the other folds alone
+    and ``held_out`` is not used (it may be empty)."""
+    if model.gaussian is None or images.shape[0] < 2 or (match_size and held_out.shape[0] == 0):
         return None
 
     was_training = model.training
@@ -151,8 +156,10 @@ def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
     sizes: list[int] = []
     try:
         for j, (fold, rest) in enumerate(cross_folds(order, k)):
-            start = (j * len(fold)) % m
-            fill = h_order[(start + torch.arange(min(len(fold), m))) % m]
+            fill = h_order[:0]
+            if match_size:
+                start = (j * len(fold)) % m
+                fill = h_order[(start + torch.arange(min(len(fold), m))) % m]
             gauss = copy.deepcopy(model.gaussian)
             info = gauss.fit(chain(_residuals(model, _feature_batches(
                 model, images, cache, device, batch, f"out-of-fold Gaussian {j + 1}/{k}",
@@ -166,8 +173,8 @@ def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
                 out[fold[i: i + batch]] = e.float().cpu()
     finally:
         model.train(was_training)
-    _LOG.info("out-of-fold maps of %d training images (%d folds, Gaussians on %d-%d images)",
-              n, k, min(sizes), max(sizes))
+    _LOG.info("out-of-fold maps of %d %s images (%d folds, Gaussians on %d-%d images)",
+              n, "training" if match_size else "good", k, min(sizes), max(sizes))
     return out
 
 

@@ -298,13 +298,28 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
         _LOG.warning("holdout_fraction=0: calibrating on the training images; thresholds "
                      "will be too low (hold out some normal images)")
     if info.is_main:
-        gauss = fit_gaussian(model, images, cache, info.device, cfg.calib_batch_size, progress)
         held = load_images(hold_s, model_cfg.hw, progress, cfg.num_workers) if hold_s else images
-        oof = out_of_fold_maps(model, images, cache, held, info.device, cfg.calib_folds,
-                               cfg.seed, cfg.calib_batch_size, progress) if hold_s else None
+        pooled = cfg.gaussian_fit == "all" and bool(hold_s) and model.gaussian is not None
+        if cfg.gaussian_fit == "all" and not pooled:
+            _LOG.warning("gaussian_fit=all needs map.error=gaussian and held-out images; fitting "
+                         "the Gaussian on the training images")
+        if pooled:  # the Gaussian on every good image, each one then scored out of fold: the
+            # held-out images' maps set the position statistics and the threshold floor, as
+            # they would in the default, the training images' join the pooled quantile
+            every = torch.cat([images, held])
+            gauss = fit_gaussian(model, every, None, info.device, cfg.calib_batch_size, progress)
+            every_maps = out_of_fold_maps(model, every, None, every[:0], info.device,
+                                          cfg.calib_folds, cfg.seed, cfg.calib_batch_size,
+                                          progress, match_size=False)
+            oof, maps = every_maps[:len(images)], every_maps[len(images):]
+        else:
+            gauss = fit_gaussian(model, images, cache, info.device, cfg.calib_batch_size, progress)
+            oof = out_of_fold_maps(model, images, cache, held, info.device, cfg.calib_folds,
+                                   cfg.seed, cfg.calib_batch_size, progress) if hold_s else None
+            maps = None
         final = _finish(model, cfg, held, oof, out, info,
                         lambda: {**train_info(cfg.epochs), "gaussian": gauss,
-                                 "brightness_target": _brightness_target(model)}, progress)
+                                 "brightness_target": _brightness_target(model)}, progress, maps)
     ddp.barrier(info)
     return final, model
 
@@ -317,17 +332,20 @@ def _brightness_target(model: HaloAE) -> Optional[float]:
 
 
 def _finish(model: HaloAE, cfg: TrainCfg, held: torch.Tensor, oof: Optional[torch.Tensor],
-            out: Path, info: ddp.DistInfo, train_info: Callable[[], dict], progress: bool) -> Path:
+            out: Path, info: ddp.DistInfo, train_info: Callable[[], dict], progress: bool,
+            maps: Optional[torch.Tensor] = None) -> Path:
     """Calibrate on the held-out normal images (uint8 [M, 3, H, W]) and the training images'
-    out-of-fold maps ``oof``, then write final.pt."""
+    out-of-fold maps ``oof`` (with ``gaussian_fit: all``: on ``maps``, the held-out images'
+    out-of-fold maps, instead of their maps under the shipped Gaussian), then write final.pt."""
     starts = range(0, held.shape[0], cfg.calib_batch_size)
     if progress:
         from tqdm import tqdm
         starts = tqdm(starts, desc="calibrating", unit="batch", leave=False)
     batches = (scale_tensor(held[i: i + cfg.calib_batch_size]) for i in starts)
-    cal = calibrate(model, batches, cfg.image_quantile, cfg.pixel_quantile, info.device, oof,
-                    cfg.calib_folds, cfg.seed)
+    cal = calibrate(model, batches if maps is None else None, cfg.image_quantile,
+                    cfg.pixel_quantile, info.device, oof, cfg.calib_folds, cfg.seed, maps)
     cal["images"] = int(held.shape[0])
+    cal["gaussian_fit"] = "all" if maps is not None else "training"
     path = save_checkpoint(out / "final.pt", model, cal, train_info())
     model.train()
     return path

@@ -300,3 +300,11 @@ def test_out_of_fold_maps_score_each_training_image_with_a_gaussian_that_never_s
     others = torch.tensor([i != 7 for i in range(12)])
     assert peak_oof[7] > 3 * peak_oof[others].max()
     assert out_of_fold_maps(model, images, None, held[:0], cpu) is None  # nothing to fill with
+    saved = {k: v.clone() for k, v in model.gaussian.state_dict().items()}
+    try:  # gaussian_fit: all - no held-out images to fill with; fold Gaussians on the rest alone
+        every = out_of_fold_maps(model, images, None, held[:0], cpu, folds=4, seed=0,
+                                 match_size=False)
+    finally:
+        model.gaussian.load_state_dict(saved)
+    peak_all = every.amax(dim=(1, 2, 3))
+    assert every.shape == (12, 1, 16, 16) and peak_all[7] > 3 * peak_all[others].max()

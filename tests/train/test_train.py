@@ -168,6 +168,24 @@ def test_resume_continues_to_the_same_result(tmp_path, small_data):
     assert len(b["train"]["history"]) == 2
 
 
+def test_gaussian_fit_all_fits_on_every_good_image_and_calibrates_out_of_fold(tmp_path, small_data):
+    """gaussian_fit: all - the Gaussian sees the 6 training and the 4 held-out images; every
+    image is then scored out of fold: the 4 held-out maps set the position statistics and the
+    threshold floor, all 10 the pooled quantile. The default fits on the 6."""
+    run = train(_small_cfg(epochs=1, gaussian_fit="all"), small_data, tmp_path / "all", "cpu",
+                progress=False)
+    ck = torch.load(run.final, weights_only=True)
+    cal = ck["calibration"]
+    assert ck["train"]["gaussian"]["images"] == 10
+    assert cal["gaussian_fit"] == "all" and cal["images"] == 4
+    assert cal["position_norm"]["images"] == 4 and cal["threshold_images"] == 10
+    base = torch.load(train(_small_cfg(epochs=1), small_data, tmp_path / "default", "cpu",
+                            progress=False).final, weights_only=True)
+    assert base["train"]["gaussian"]["images"] == 6 and base["calibration"]["images"] == 4
+    assert base["calibration"]["gaussian_fit"] == "training"
+    assert not torch.equal(ck["state_dict"]["gaussian.mean"], base["state_dict"]["gaussian.mean"])
+
+
 def test_cli_one_line_errors(tmp_path, small_data, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": "tiny", "loss": {"ce": {"stepp": 3}}}))
