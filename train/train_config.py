@@ -121,8 +121,8 @@ class TrainCfg(Cfg):
     gaussian_fit: Literal["training", "all"] = Field(
         "training", description="map.error gaussian: fit the position-wise Gaussian on the training "
         "images (the held-out ones then set the position statistics and threshold), or on all "
-        "good images, every image then scored out of fold for both: +0.02 image AUROC with "
-        "133-267 good images, lower AUPRO (docs/training.md, How many training images?)")
+        "good images, every image then scored out of fold for the calibration: +0.02 image "
+        "AUROC with 133-267 good images, lower AUPRO (docs/training.md, How many training images?)")
 
     def model_post_init(self, context: Any) -> None:
         self.validate()

@@ -337,13 +337,15 @@ def _finish(model: HaloAE, cfg: TrainCfg, held: torch.Tensor, oof: Optional[torc
     """Calibrate on the held-out normal images (uint8 [M, 3, H, W]) and the training images'
     out-of-fold maps ``oof`` (with ``gaussian_fit: all``: on ``maps``, the held-out images'
     out-of-fold maps, instead of their maps under the shipped Gaussian), then write final.pt."""
-    starts = range(0, held.shape[0], cfg.calib_batch_size)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="calibrating", unit="batch", leave=False)
-    batches = (scale_tensor(held[i: i + cfg.calib_batch_size]) for i in starts)
-    cal = calibrate(model, batches if maps is None else None, cfg.image_quantile,
-                    cfg.pixel_quantile, info.device, oof, cfg.calib_folds, cfg.seed, maps)
+    batches = None
+    if maps is None:
+        starts = range(0, held.shape[0], cfg.calib_batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="calibrating", unit="batch", leave=False)
+        batches = (scale_tensor(held[i: i + cfg.calib_batch_size]) for i in starts)
+    cal = calibrate(model, batches, cfg.image_quantile, cfg.pixel_quantile, info.device, oof,
+                    cfg.calib_folds, cfg.seed, maps)
     cal["images"] = int(held.shape[0])
     cal["gaussian_fit"] = "all" if maps is not None else "training"
     path = save_checkpoint(out / "final.pt", model, cal, train_info())
