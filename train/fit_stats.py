@@ -120,9 +120,8 @@ def fit_gaussian(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tens
 
 @torch.no_grad()
 def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.Tensor],
-                     held_out: torch.Tensor, device: torch.device, folds: int = 5, seed: int = 0,
-                     batch: int = 16, progress: bool = False,
-                     match_size: bool = True) -> Optional[torch.Tensor]:
+                     held_out: Optional[torch.Tensor], device: torch.device, folds: int = 5,
+                     seed: int = 0, batch: int = 16, progress: bool = False) -> Optional[torch.Tensor]:
     """Smoothed grid maps [N, 1, gh, gw] (before position normalisation) of the N training
     images, each under a position-wise Gaussian fitted without it: the images are split into
     ``folds`` seeded folds, and fold k is scored by a copy of the model's Gaussian fitted on
@@ -134,15 +133,15 @@ def out_of_fold_maps(model: HaloAE, images: torch.Tensor, cache: Optional[torch.
     lower the held-out images' threshold. None without ``map.error: gaussian`` or held-out
     images (nothing to fill a fold's place with).
 
-    ``match_size=False`` (``gaussian_fit: all``, where the shipped Gaussian saw every good
-    image): ``images`` are all of them, fold k is scored by a Gaussian on the other folds alone
-    and ``held_out`` is not used (it may be empty)."""
+    ``held_out=None`` (``gaussian_fit: all``, where the shipped Gaussian saw every good image):
+    ``images`` are all of them, and fold k is scored by a Gaussian on the other folds alone."""
+    match_size = held_out is not None
     if model.gaussian is None or images.shape[0] < 2 or (match_size and held_out.shape[0] == 0):
         return None
 
     was_training = model.training
     model.eval()
-    n, m = images.shape[0], held_out.shape[0]
+    n, m = images.shape[0], held_out.shape[0] if match_size else 0
     gen = torch.Generator().manual_seed(seed + 11)
     order, h_order = torch.randperm(n, generator=gen), torch.randperm(m, generator=gen)
     k = min(folds, n)

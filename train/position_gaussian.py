@@ -155,9 +155,9 @@ class PositionGaussian(nn.Module):
         proj = evecs / evals.clamp_min(self.eps).sqrt()[:, None, :]  # P, d, k: whitening
         proj = proj / (self.rank ** 0.5 * FP16_SCALE)  # sum of squares = mean / FP16_SCALE^2
         self.mean.copy_(mean[:, None, :].float())
-        self.proj.copy_((upper_factor(proj) if self.rank == self.dims else proj).float())
+        self.proj.copy_(proj.float())
         self.fitted.fill_(True)
-        self._triangulate()
+        self._triangulate()  # full rank: stored as the triangular factor
         total = torch.diagonal(cov, dim1=1, dim2=2).sum(1)
         info = {"images": n, "dims": self.dims, "rank": self.rank, "share": self.share,
                 "min_eigenvalue": float(evals[:, 0].min()),

@@ -308,9 +308,8 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
             # they would in the default, the training images' join the pooled quantile
             every = torch.cat([images, held])
             gauss = fit_gaussian(model, every, None, info.device, cfg.calib_batch_size, progress)
-            every_maps = out_of_fold_maps(model, every, None, every[:0], info.device,
-                                          cfg.calib_folds, cfg.seed, cfg.calib_batch_size,
-                                          progress, match_size=False)
+            every_maps = out_of_fold_maps(model, every, None, None, info.device, cfg.calib_folds,
+                                          cfg.seed, cfg.calib_batch_size, progress)
             oof, maps = every_maps[:len(images)], every_maps[len(images):]
         else:
             gauss = fit_gaussian(model, images, cache, info.device, cfg.calib_batch_size, progress)

@@ -302,8 +302,7 @@ def test_out_of_fold_maps_score_each_training_image_with_a_gaussian_that_never_s
     assert out_of_fold_maps(model, images, None, held[:0], cpu) is None  # nothing to fill with
     saved = {k: v.clone() for k, v in model.gaussian.state_dict().items()}
     try:  # gaussian_fit: all - no held-out images to fill with; fold Gaussians on the rest alone
-        every = out_of_fold_maps(model, images, None, held[:0], cpu, folds=4, seed=0,
-                                 match_size=False)
+        every = out_of_fold_maps(model, images, None, None, cpu, folds=4, seed=0)
     finally:
         model.gaussian.load_state_dict(saved)
     peak_all = every.amax(dim=(1, 2, 3))
