@@ -5,9 +5,17 @@ Backbones", arXiv 2103.12731; used in HaloAE (Mathian et al., arXiv 2208.03486) 
 
 The map is cut into non-overlapping b x b query blocks. Each block attends to a
 (b + 2h) x (b + 2h) window: the block plus a halo of h pixels over the zero-padded map.
-Padding positions are MASKED: they get exactly zero weight. (The reference HaloAE code masked
-the valid positions instead, and filled with -finfo.max, which is -inf in fp16: NaN rows.)
-The fill value `MASK_VALUE` is finite.
+Padding positions are MASKED: their values are exact zeros and their weight is at most e^-80 of
+the row's largest (0 in fp16), so they add nothing to the output. (The reference HaloAE code
+masked the valid positions instead, and filled with -finfo.max, which is -inf in fp16: NaN
+rows.) The fill value `MASK_VALUE` is finite.
+
+The logit floor: before the softmax, every logit is taken relative to its row maximum and
+floored at `LOGIT_FLOOR` (-80). A trained Block C has logit ranges of thousands (mostly one-hot
+rows) and the padding sits at -1e4; exp of anything below about -87 is subnormal or clamped to
+a subnormal in ONNX Runtime's CPU Softmax, which made it several times slower (1.1 ms against
+about 0.3 ms for a 32 x 32 level at batch 1). Weights below e^-80 of the largest cannot move an
+fp32 sum of at most 144 terms, so the outputs are the same: bit-identical on the MTD model.
 
 Relative positions: a learned relative position bias per head (Swin-style), one entry per
 (dy, dx) offset between query and key: ``logit[q, k] = (q . k) / sqrt(d) + B[k - q]``.
@@ -23,7 +31,7 @@ and without a [heads, blocks, b*b, w*w] mask constant in the exported graph.
 Export notes: the feature size is fixed at construction, so the window gather indices, the
 relative-position index and the padding mask are precomputed buffers; forward has no
 data-dependent control flow and uses only Concat, Expand, Gather, Reshape, Transpose, MatMul,
-Add and Softmax (no Pad / Where / Im2Col / Einsum); the bias Gather on constants is folded by
+Add, ReduceMax, Sub, Clip (the floor) and Softmax (no Pad / Where / Im2Col / Einsum); the bias Gather on constants is folded by
 the exporter, ONNX Runtime and TensorRT. K/V windows come from two constant-index gathers
 (rows, then columns) on the channels-last map with one zero row and column appended; window
 positions outside the map point at them. A level whose one block covers the whole map
@@ -38,6 +46,7 @@ import torch
 from torch import nn
 
 MASK_VALUE = -1.0e4  # finite in fp16 / bf16; exp(MASK_VALUE - max) == 0 in fp32 and fp16
+LOGIT_FLOOR = -80.0  # logits minus their row maximum are floored here: e^-80 is a normal fp32
 
 
 def _pair(v: Union[int, tuple[int, int]]) -> tuple[int, int]:
@@ -187,7 +196,13 @@ class HaloAttention(nn.Module):
         H, W = self.feat_size
         b, nh, d = self.block_size, self.heads, self.dim_head
         nbh, nbw = H // b, W // b
-        attn = (logits + self.bias()).softmax(dim=-1)  # padding: MASK_VALUE + bias -> weight 0
+        logits = logits + self.bias()  # padding: MASK_VALUE + bias
+        # relative to the row maximum, floored at LOGIT_FLOOR: the same weights (below e^-80 of
+        # the largest either way; padding values are exact zeros), without the subnormal exp
+        # results that make ONNX Runtime's CPU Softmax several times slower on the wide logit
+        # ranges of a trained model (docs/benchmarks.md, latency)
+        logits = (logits - logits.amax(dim=-1, keepdim=True)).clamp_min(LOGIT_FLOOR)
+        attn = logits.softmax(dim=-1)
 
         out = torch.matmul(attn, v)  # [N, nh, nb, b*b, d]
         out = out.reshape(-1, nh, nbh, nbw, b, b, d)  # [N, nh, nbh, nbw, b, b, d]
