@@ -227,7 +227,11 @@ def test_full_rank_gaussian_bundle_reads_prefix_blocks_with_parity(tmp_path, fit
     shapes = {tuple(t.dims[-2:]) for t in graph.graph.initializer if len(t.dims) == 3}
     assert {(16, 16), (32, 16), (48, 16), (64, 16)} <= shapes  # the blocks: prefix x columns
     assert (64, 64) not in shapes  # the full factor never ships
-    assert sum(n.op_type == "Slice" for n in graph.graph.node) == 3  # the last prefix is all
+    blocks = {t.name for t in graph.graph.initializer if len(t.dims) == 3 and t.dims[-1] == 16}
+    sliced = {n.output[0] for n in graph.graph.node if n.op_type == "Slice"}
+    prefix_reads = [n for n in graph.graph.node if n.op_type == "MatMul" and set(n.input) & blocks]
+    assert len(prefix_reads) == 4
+    assert sum(bool(set(n.input) & sliced) for n in prefix_reads) == 3  # the last prefix is all
     assert manifest["parity"]["fp32"]["max_abs_score"] <= 1e-4
     loaded, _ = load_checkpoint(ckpt)
     x, _ = parity.sample_images(3, 128, seed=3)

@@ -53,10 +53,12 @@ def test_matches_naive_reference(size, block, halo, heads):
     H, W = layer.feat_size
     x = torch.randn(2, 8, H, W)
     with torch.no_grad():
-        got = layer(x)
+        got = layer(x)  # training mode: one GEMM over the heads, then a transpose
         want = naive_halo_attention(layer, x)
+        head_batched = layer.eval()(x)  # inference and the exported graph: no transpose
     assert got.shape == (2, 8, H, W)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_batched, got, atol=1e-6, rtol=1e-5)
     assert layer.global_window == (block == H == W)  # the single-window path
 
 
