@@ -7,8 +7,9 @@ inserted around every node kept in fp32). What this module decides is WHICH node
 - by op type: Softmax, reductions (ReduceMean/Max/Sum...), TopK, Pow, Sqrt, Exp, Log, Erf,
   Reciprocal (overflow / accumulation / precision risks in fp16);
 - the attention logits: every node feeding a Softmax back to (and including) the MatMul that
-  produces the logits (the relative-position logits and the masking ``Where`` included), so the
-  logits, their masking fill value and the softmax are fp32;
+  produces the logits (the relative-position bias, a masking ``Where`` and the logit floor
+  against the row maximum, ReduceMax / Sub / Clip, included), so the logits, their masking fill
+  value and the softmax are fp32;
 - the anomaly-map tail: every node between the graph outputs and the feature-error ``Sub``
   (F - F_hat) inclusive: squared error, channel mean, the position-wise Gaussian (its MatMul
   onto the least-variance directions cancels large values: fp16 would lose them), Gaussian
@@ -28,7 +29,8 @@ FP32_OP_TYPES = ("Softmax", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum",
                  "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "TopK", "Pow",
                  "Sqrt", "Exp", "Log", "Erf", "Reciprocal")
 _LOGIT_PATH_OPS = {"Where", "Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Unsqueeze",
-                   "Squeeze", "Expand", "Concat", "Slice", "Gather", "Cast", "Identity", "Flatten"}
+                   "Squeeze", "Expand", "Concat", "Slice", "Gather", "Cast", "Identity", "Flatten",
+                   "Clip", "Max", "Min", "ReduceMax"}
 _LOGIT_SOURCES = {"MatMul", "Gemm", "Einsum"}
 _TAIL_OPS = {"Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "ReduceMean", "ReduceMax", "ReduceSum",
              "ReduceMin", "TopK", "Resize", "Conv", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
@@ -120,6 +122,50 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(copies)
 
 
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    if node.op_type != "Cast":
+        return None
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """Remove Cast(fp32 -> fp16) -> Cast(fp16 -> fp32) pairs: the converter casts every kept
+    node's output to fp16 and back before the next kept node, which would round the attention
+    logits and the map tail to fp16 between two fp32 nodes. Consumers of the second Cast read
+    the fp32 tensor itself; a first Cast left without consumers goes too. Returns the pairs."""
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem = {v.name: v.type.tensor_type.elem_type
+            for v in [*inferred.graph.value_info, *graph.input, *graph.output]}
+    elem.update({i.name: i.data_type for i in graph.initializer})
+    producers = _producers(graph)
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        src = producers.get(node.input[0]) if node.input else None
+        if (_cast_to(node) == onnx.TensorProto.FLOAT and src is not None
+                and _cast_to(src) == onnx.TensorProto.FLOAT16
+                and elem.get(src.input[0]) == onnx.TensorProto.FLOAT
+                and node.output[0] not in outputs):
+            rename[node.output[0]] = src.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {i for n in graph.node for i in n.input} | outputs
+    dead = [n for n in graph.node if _cast_to(n) is not None and n.output[0] not in used]
+    while dead:  # the second Casts, then first Casts that fed nothing else
+        for n in dead:
+            graph.node.remove(n)
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if _cast_to(n) is not None and n.output[0] not in used]
+    names = {o for n in graph.node for o in n.output}
+    infos = [v for v in graph.value_info if v.name in names]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    return len(rename)
+
+
 def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp16 copy of ``model`` with float32 I/O and the fp32 islands described above."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -140,5 +186,7 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     infos = [v for v in fp16.graph.value_info if v.name not in inits]
     del fp16.graph.value_info[:]
     fp16.graph.value_info.extend(infos)
+    log.info("fp16: %d fp32 -> fp16 -> fp32 round trips between fp32 nodes removed",
+             drop_fp16_round_trips(fp16))
     onnx.checker.check_model(fp16, full_check=True)
     return fp16

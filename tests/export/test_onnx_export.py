@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from haloae import bundle as B
 from haloae.export import parity, trt_ops
 from haloae.export.cli import export_bundle
-from haloae.export.fp16 import fp32_node_names
+from haloae.export.fp16 import drop_fp16_round_trips, fp32_node_names
 from haloae.export.onnx_export import downgrade_to_opset17
 from haloae.train.checkpoint import load_checkpoint, save_checkpoint
 from haloae.train.config import load_model_config
@@ -93,10 +93,22 @@ def test_fp16_graph_within_tolerance_and_fp32_islands(exported):
     types = {i.data_type for i in model16.graph.initializer if i.name in conv_weights}
     assert TensorProto.FLOAT16 in types  # the backbone really is fp16
     inferred = onnx.shape_inference.infer_shapes(model16)
-    elem = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    elem = {v.name: v.type.tensor_type.elem_type
+            for v in [*inferred.graph.value_info, *inferred.graph.input]}
     for node in inferred.graph.node:
         if node.op_type in ("Softmax", "ReduceMean", "ReduceMax", "ReduceSum", "TopK"):
             assert elem.get(node.input[0]) == TensorProto.FLOAT, node.name
+    # the attention logits are fp32 from their MatMul through the bias and the floor to Softmax
+    producer = {o: n for n in inferred.graph.node for o in n.output}
+    for softmax in (n for n in inferred.graph.node if n.op_type == "Softmax"):
+        node, path = producer[softmax.input[0]], []
+        while node.op_type != "MatMul":
+            path.append(node.op_type)
+            assert elem.get(node.output[0]) == TensorProto.FLOAT, (softmax.name, node.name)
+            node = producer[next(i for i in node.input if i in producer
+                                 and producer[i].op_type not in ("Constant", "ReduceMax"))]
+        assert elem.get(node.output[0]) == TensorProto.FLOAT, node.name  # the logits MatMul
+        assert "Clip" in path, path
     assert trt_ops.check_model(model16) == []
 
 
@@ -238,3 +250,34 @@ def test_full_rank_gaussian_bundle_reads_prefix_blocks_with_parity(tmp_path, fit
     ref = parity.torch_runner(HaloAEInference(loaded), 1)(x)
     got = parity.run_bundle(B.Bundle.open(tmp_path / "bundle"), "fp32", x, threads=1)
     assert np.max(np.abs(ref[0] - got[0])) <= 1e-4 and np.max(np.abs(ref[1] - got[1])) <= 1e-3
+
+
+def test_fp16_round_trips_between_fp32_nodes_are_dropped():
+    """Cast(fp32 -> fp16) -> Cast(fp16 -> fp32) between two fp32 nodes goes (the fp32 tensor is
+    read directly, unrounded); a first Cast that also feeds an fp16 node stays."""
+    import onnxruntime as ort
+
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Cast", ["r"], ["r16"], name="to16", to=f16),
+        helper.make_node("Cast", ["r16"], ["r32"], name="to32", to=f32),
+        helper.make_node("Softmax", ["r32"], ["s"], name="softmax", axis=-1),
+        helper.make_node("Relu", ["r16"], ["h16"], name="half_relu"),  # an fp16 consumer
+        helper.make_node("Cast", ["h16"], ["h"], name="h_to32", to=f32),
+        helper.make_node("Add", ["s", "h"], ["y"], name="add"),
+    ]
+    vi = lambda n, t: helper.make_tensor_value_info(n, t, [2, 3])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [vi("x", f32)],
+                                                [vi("y", f32), vi("s", f32)]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    assert drop_fp16_round_trips(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    names = [n.name for n in model.graph.node]
+    assert "to32" not in names and "to16" in names and "h_to32" in names
+    softmax = next(n for n in model.graph.node if n.name == "softmax")
+    assert list(softmax.input) == ["r"]  # TensorRT would have honoured the rounding
+    x = np.array([[1.0001, 2.0, 3.0], [0.1001, 0.2001, 0.3001]], np.float32)  # not fp16 values
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["s"], {"x": x})[0]
+    np.testing.assert_allclose(got, np.exp(x) / np.exp(x).sum(-1, keepdims=True), rtol=1e-6)
