@@ -124,6 +124,8 @@ class PositionGaussian(nn.Module):
         """[P, ..., d] (positions row-major) -> [P / s^2, s^2, ..., d]: the s x s cells."""
         s, (gh, gw) = self.share, self.grid_hw
         rest = x.shape[1:]
+        if s == 1:  # no cells: a transpose of two size-1 axes would still be a copy in the graph
+            return x.unsqueeze(1)
         x = x.reshape(gh // s, s, gw // s, s, *rest).transpose(1, 2)  # gh/s, gw/s, s, s, ...
         return x.reshape(gh * gw // s ** 2, s * s, *rest)
 
