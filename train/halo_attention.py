@@ -36,7 +36,7 @@ q, k and v come out head-major, [N, heads, positions, d], with no transpose. k a
 projected on the H*W pixels plus the padding position, then gathered window by window along the
 positions (one constant-index Gather each); the queries are gathered in block order before
 theirs. Against projecting channels-last and transposing the gathered windows head-major (an 8-D
-Transpose and two mask Concats per level), the exported v4 graph runs 2.4-3.0 ms faster per frame
+Transpose and two mask Concats per level), the exported v4 graph runs 2.35-3.0 ms faster per frame
 in ONNX Runtime, and projecting before the window gather another 0.75-0.95 ms
 (docs/benchmarks.md, latency). Training (`_project`) runs the same products as one GEMM over
 all heads plus a transpose, which torch's autograd runs faster.
