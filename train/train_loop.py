@@ -307,8 +307,10 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
             # held-out images' maps set the position statistics and the threshold floor, as
             # they would in the default, the training images' join the pooled quantile
             every = torch.cat([images, held])
-            gauss = fit_gaussian(model, every, None, info.device, cfg.calib_batch_size, progress)
-            every_maps = out_of_fold_maps(model, every, None, None, info.device, cfg.calib_folds,
+            cache = None  # freed first: then the features of every good image, computed once
+            cache = _feature_cache(model, every, cfg, info.device, progress)  # for all 6 fits
+            gauss = fit_gaussian(model, every, cache, info.device, cfg.calib_batch_size, progress)
+            every_maps = out_of_fold_maps(model, every, cache, None, info.device, cfg.calib_folds,
                                           cfg.seed, cfg.calib_batch_size, progress)
             oof, maps = every_maps[:len(images)], every_maps[len(images):]
         else:
