@@ -52,6 +52,13 @@ with position statistics from 5-fold out-of-fold maps:
     python bench/levers.py few --run runs/mtd-edge-v4 --data ../shared/data/mtd \
         --images 60,100,200,427 --dims 0,100,64 --out bench/results/levers-mtd-few.json
 
+``scores`` keeps a trained run's map and tries other image scores on it: the max, top-k means,
+the max of an average-pooled map, and the max plus f x w x the map mean (w from the held-out
+maps; the shipped `map.score: max_mean` is f = 1):
+
+    python bench/levers.py scores --run runs/mtd-edge-v4 --data ../shared/data/mtd \
+        --out bench/results/levers-mtd-scores.json
+
 It prints and writes one row per form: image / pixel AUROC, AUPRO@0.3 (pooled and per class),
 per-class AUROC, and the share of the normal pixels of defective images that the map raises
 above the good images' 95th pixel percentile (`bench/accuracy.py` reports the same).
@@ -461,6 +468,65 @@ def inputs(args) -> int:
     return _write(args, rows)
 
 
+def _score_row(name, scores, test, rows, fprs=(0.028, 0.05)):
+    """One image-score form (the map unchanged): image AUROC, F1-max, per-class AUROC and the
+    best recall at each false-positive rate of ``fprs`` on the good test images (the
+    threshold just above the good score that many good images exceed, as `accuracy._metrics`)."""
+    from haloae.train import metrics
+
+    y, classes = np.asarray(test["labels"]), np.array(test["classes"])
+    good = np.sort(scores[y == 0])
+    r = {"form": name, "image_auroc": metrics.auroc(y, scores), "image_f1_max": metrics.f1_max(y, scores)[0]}
+    for c in sorted(set(test["classes"]) - {"good"}):
+        sel = (classes == "good") | (classes == c)
+        r[c] = metrics.auroc(y[sel], scores[sel])
+    for fpr in fprs:
+        k = int(np.floor(fpr * len(good)))
+        r[f"recall_at_fpr_{fpr:g}"] = float((scores[y == 1] > good[-k - 1]).mean())
+    rows.append(r)
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v) for k, v in r.items()), flush=True)
+
+
+def scores(args) -> int:
+    """Image-score forms on a trained run's map (its Block C; Gaussian and position statistics
+    refitted on its split as `checkpoint` does): the max, top-k means, the max of a k x k
+    average-pooled map, and max + f w mean with w = std(maxima) / std(means) of the held-out
+    maps, each held-out map under the position statistics of the other held-out images
+    (5 folds, as `train/calibrate.py` does)."""
+    import torch
+    import torch.nn.functional as F
+
+    from haloae.train.anomaly_map import upsample
+    from haloae.train.calibrate import cross_folds
+
+    torch.set_num_threads(args.threads)
+    model, test, sp = _run_features(args)
+    m, hw = model.cfg.map, model.cfg.hw
+    e_te, e_po = _fit_apply(sp["tr"][0], [sp["te"][0], sp["po"][0]], m.gaussian_rank, m.gaussian_eps,
+                            model.cfg.backbone.grid_hw)
+    z_te = upsample(_posnorm(e_te, e_po, m.sigma, hw), hw)
+    n = e_po.shape[0]
+    held = torch.empty(n, *hw)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    for fold, rest in cross_folds(order, min(5, n)):
+        held[fold] = upsample(_posnorm(e_po[fold], e_po[rest], m.sigma, hw), hw)[:, 0]
+    flat, flat_po = z_te.flatten(1), held.flatten(1)
+    mx, mean = flat.max(1).values.numpy(), flat.mean(1).numpy()
+    w = float(flat_po.max(1).values.std() / flat_po.mean(1).std())
+    print(f"w = std(maxima) / std(means) of {n} held-out maps = {w:.4g}", flush=True)
+    rows: list[dict] = []
+    _score_row("max", mx, test, rows)
+    for k in [int(v) for v in args.topk.split(",") if v]:
+        _score_row(f"top{k} mean", flat.topk(k, 1).values.mean(1).numpy(), test, rows)
+    for p in [int(v) for v in args.pools.split(",") if v]:
+        _score_row(f"max of the {p}x{p} mean-pooled map", F.avg_pool2d(z_te, p, 1).flatten(1).max(1).values.numpy(),
+                   test, rows)
+    for f in [float(v) for v in args.factors.split(",") if v]:
+        _score_row(f"max + {f:g} w mean (w {w:.3g})", mx + f * w * mean, test, rows)
+    _score_row("mean", mean, test, rows)
+    return _write(args, rows)
+
+
 def _write(args, rows) -> int:
     out = {"args": {k: str(v) for k, v in vars(args).items() if k != "func"}, "rows": rows,
            "date": time.strftime("%Y-%m-%d")}
@@ -523,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--pool", action="store_true",
                    help="also: the Gaussian on all 4N/3 images, position statistics from 5-fold "
                         "out-of-fold maps")
+    sc = run_parser("scores", "image-score forms (max, top-k, pooled, max + w mean) on a run's map", scores)
+    sc.add_argument("--topk", default="100,1000,16000", help="comma list of top-k pixel counts")
+    sc.add_argument("--pools", default="16,32,64", help="comma list of average-pooling windows (pixels)")
+    sc.add_argument("--factors", default="0.25,0.5,1,2,4", help="comma list of factors f of the mean weight w")
     args = p.parse_args(argv)
     return args.func(args)
 

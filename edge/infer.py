@@ -63,7 +63,7 @@ def check_zones(cameras: list[CameraConfig], manifest: Manifest) -> Reduction | 
     zones = camera_zones(cameras)
     if not zones:
         return None
-    reduction = reduction_from_model_config(manifest.model_config)
+    reduction = reduction_from_model_config(manifest.model_config, manifest.threshold.calibration)
     _, _, mh, mw = manifest.input.shape
     for cam, zs in zones.items():
         w, h = zs.zones.size
@@ -125,7 +125,7 @@ class InferenceWorker(threading.Thread):
                         "to %d frames; export with --batch %d or raise model.batch_size", n, self.batch_size, n,
                         self.batch_size)
         try:
-            reduction = reduction_from_model_config(manifest.model_config)
+            reduction = reduction_from_model_config(manifest.model_config, manifest.threshold.calibration)
         except ZonesError:
             reduction = None  # check_zones refused it already when a camera has zones
         with self._lock:

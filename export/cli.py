@@ -102,7 +102,10 @@ def _threshold_section(calibration: dict[str, Any], model) -> dict[str, Any]:
     keys = ("method", "quantile", "pixel_quantile", "promised_false_positive_rate",
             "threshold_images", "held_out_images", "out_of_fold_images", "images_needed",
             "reliable", "normal_scores")
-    return {**model.calibration.thresholds(), **{k: calibration[k] for k in keys if k in calibration}}
+    out = {**model.calibration.thresholds(), **{k: calibration[k] for k in keys if k in calibration}}
+    if model.cfg.map.score == "max_mean":  # the edge rescores with it under ignore zones (haloae.zones)
+        out["score_mean_weight"] = float(model.calibration.score_mean_weight)
+    return out
 
 
 def export_bundle(checkpoint: Path, out: Path, fp16: bool = False, batch: int = 1,

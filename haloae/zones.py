@@ -4,9 +4,10 @@ A zone set is polygons in frame pixels plus a ``border_px`` band along the frame
 frames of ``size`` = [width, height] (the frame *after* the camera's ``roi`` crop, the pixels
 ``regions`` are reported in). It is applied to the anomaly map **before** the image score and
 the defect regions are taken: the map is set to 0 inside the zones and the score is the model's
-own reduction (``model.config.map.score``: the map's maximum, or the mean of its top-k pixels)
-over the pixels left. The graph's score is ``c * reduce(map)`` for a constant ``c`` (the
-calibration; docs/bundle.md), so the score with zones is ``score * reduce(kept) / reduce(all)``,
+own reduction (``model.config.map.score``: the map's maximum, the mean of its top-k pixels, or
+the maximum plus w times the mean, w = the calibration's ``score_mean_weight``) over the pixels
+left. The graph's score is ``c * reduce(map)`` for a constant ``c`` (the calibration;
+docs/bundle.md; each reduction scales with the map), so the score with zones is ``score * reduce(kept) / reduce(all)``,
 the same units, the same threshold, and exactly the graph's score when no zone covers the peak.
 
 One definition for the line and the lab: the daemon (``cameras[].ignore_zones``, edge/infer.py)
@@ -28,7 +29,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Mapping
 
 import cv2
 import numpy as np
@@ -131,29 +132,41 @@ class IgnoreZones(BaseModel):
 
 @dataclass(frozen=True)
 class Reduction:
-    """How the bundle's image score comes from its map: ``max`` or the mean of the top ``k``."""
+    """How the bundle's image score comes from its map: ``max``, the mean of the top ``k``, or
+    ``max_mean``: the maximum plus ``weight`` times the mean."""
 
     kind: str = "max"
     k: int = 1
+    weight: float = 0.0
 
     def __call__(self, values: np.ndarray) -> float:
         flat = np.asarray(values, np.float32).ravel()
         if flat.size == 0:
             return 0.0
+        if self.kind == "max_mean":
+            return float(flat.max()) + self.weight * float(flat.mean(dtype=np.float64))
         if self.kind == "max" or self.k <= 1:
             return float(flat.max())
         k = min(self.k, flat.size)
         return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
 
 
-def reduction_from_model_config(model_cfg: dict | None) -> Reduction:
-    """The :class:`Reduction` of a model config (``manifest.model.config``, ``ModelCfg.to_dict()``);
-    ``max`` when the config says nothing (older bundles: the score is the map's maximum)."""
+def reduction_from_model_config(model_cfg: dict | None, calibration: Mapping | None = None) -> Reduction:
+    """The :class:`Reduction` of a model config (``manifest.model.config``, ``ModelCfg.to_dict()``)
+    and its calibration record (``max_mean``: its ``score_mean_weight``); ``max`` when the config
+    says nothing (older bundles: the score is the map's maximum)."""
     cfg = (model_cfg or {}).get("map") if isinstance(model_cfg, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
     kind = cfg.get("score", "max")
     if kind == "max":
         return Reduction("max", 1)
+    if kind == "max_mean":
+        weight = (calibration or {}).get("score_mean_weight")
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) \
+                and weight >= 0:
+            return Reduction("max_mean", 1, float(weight))
+        raise ZonesError(f"ignore zones: the model's score is max_mean but its calibration record has no usable "
+                         f"score_mean_weight ({weight!r}); export the bundle again from its final.pt")
     topk = cfg.get("topk")
     if kind == "topk" and isinstance(topk, int) and not isinstance(topk, bool) and topk >= 1:
         return Reduction("topk", topk)

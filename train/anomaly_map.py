@@ -14,7 +14,9 @@ Training, calibration, evaluation and export all use these functions (composed i
    Pad-free Conv + Mul, static, TensorRT friendly;
 3. (calibration: position-wise normalisation, `calibration.Calibration.position_normalize`)
 4. `upsample`: bilinear to the input size (align_corners=False, no antialias) -> [N, 1, H, W];
-5. `image_score`: max of the map, or the mean of its top-k pixels -> [N].
+5. `image_score`: max of the map, the mean of its top-k pixels, or the max plus w times the map
+   mean (``max_mean``: a small defect raises the max, a diffuse one - uneven texture, a shading
+   fault - the whole map a little; w is fitted at calibration, docs/benchmarks.md row 43) -> [N].
 
 The map is normalised (step 3) BEFORE the image score is taken (step 5).
 """
@@ -91,11 +93,18 @@ def upsample(err: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(err, size=tuple(out_hw), mode="bilinear", align_corners=False)
 
 
-def image_score(amap: torch.Tensor, map_cfg: MapCfg) -> torch.Tensor:
-    """[N, 1, H, W] -> [N]: the map maximum or the mean of its top-k pixels."""
+def image_score(amap: torch.Tensor, map_cfg: MapCfg, mean_weight: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """[N, 1, H, W] -> [N]: the map maximum, the mean of its top-k pixels, or (``max_mean``) the
+    maximum plus ``mean_weight`` (the calibration's fitted w) times the map mean."""
     flat = amap.flatten(1)  # N, H*W
     if map_cfg.score == "max":
         return flat.topk(1, dim=1).values[:, 0]  # == amax
     if map_cfg.score == "topk":
         return flat.topk(map_cfg.topk, dim=1).values.mean(dim=1)
-    raise ValueError(f"map.score={map_cfg.score!r}: use 'max' or 'topk'")
+    if map_cfg.score == "max_mean":
+        if mean_weight is None:
+            raise ValueError("map.score=max_mean needs the calibration's fitted mean weight")
+        mean = (flat * (1.0 / flat.shape[1])).sum(dim=1)  # scaled before the sum: fp16-safe
+        return flat.topk(1, dim=1).values[:, 0] + mean_weight * mean
+    raise ValueError(f"map.score={map_cfg.score!r}: use 'max', 'topk' or 'max_mean'")

@@ -9,7 +9,11 @@
 2. the thresholds: the image threshold is a quantile of the raw image scores, the pixel
    threshold a quantile of all held-out map pixels (e.g. 0.95 and 0.999: about 5 % of normal
    parts flagged, 0.1 % of normal pixels), but never below the image threshold: with the image
-   score the map's maximum, a region then always means a part judged defective;
+   score the map's maximum, a region then always means a part judged defective. With
+   ``map.score: max_mean`` the weight w of the map mean is fitted first, from the same
+   cross-fitted held-out maps (the spread of their maxima over that of their means), and the
+   pixel floor is the threshold the maxima alone would get: a region is then as rare on normal
+   parts as before, and a part flagged by a diffuse rise of its whole map may carry none;
 3. ``out_of_fold`` (``map.error: gaussian``, `fit_stats.out_of_fold_maps`): the training
    images' maps, each under a Gaussian fitted without it, scored with the shipped position
    statistics. The image threshold is then the larger of the held-out quantile and the
@@ -61,12 +65,14 @@ def score_stats(scores: np.ndarray) -> dict[str, float]:
 
 def thresholds_from_scores(raw_image_scores: np.ndarray, raw_pixels: Optional[np.ndarray],
                            image_quantile: float = 0.99, pixel_quantile: float = 0.999,
-                           out_of_fold_scores: Optional[np.ndarray] = None) -> dict[str, Any]:
+                           out_of_fold_scores: Optional[np.ndarray] = None,
+                           pixel_floor: Optional[float] = None) -> dict[str, Any]:
     """Calibration dict (docs/architecture.md) from raw scores / map pixels of HELD-OUT normal
     images, and optionally the raw scores of more normal images scored out of fold (module
     doc, step 3: the image threshold is then max(held-out quantile, pooled quantile)).
 
     ``raw_pixels`` may be any shape (flattened) or None (pixel threshold = image threshold).
+    ``pixel_floor``: the least pixel threshold (default: the image threshold; module doc, step 2).
     """
     for name, q in (("image_quantile", image_quantile), ("pixel_quantile", pixel_quantile)):
         if not 0.0 < q <= 1.0:
@@ -96,7 +102,7 @@ def thresholds_from_scores(raw_image_scores: np.ndarray, raw_pixels: Optional[np
     # A defect region is a set of pixels above the pixel threshold; with the image score the map's
     # maximum, a pixel threshold below the image threshold would report regions on parts judged
     # ok (and grow every region into normal texture). The floor keeps "region => defect".
-    pixel_thr = max(pixel_thr, image_thr)
+    pixel_thr = max(pixel_thr, image_thr if pixel_floor is None else pixel_floor)
     need = min_normals(image_quantile)
     n = int(scores.size + oof.size)
     return {"raw_image": image_thr, "raw_pixel": pixel_thr,
@@ -158,6 +164,18 @@ def _set_position_stats(model: torch.nn.Module, maps: torch.Tensor) -> None:
     model.calibration.set_position_stats(maps.mean(dim=0)[0], maps.std(dim=0)[0])
 
 
+def _mean_weight(maxima: np.ndarray, means: np.ndarray, factor: float) -> float:
+    """w of the ``max_mean`` score: ``factor`` x std(maxima) / std(means) of held-out normal
+    maps (0 when the means do not vary: the max alone)."""
+    spread = float(np.std(means))
+    if factor == 0 or not spread > 0:
+        if factor:
+            _LOG.warning("map.score=max_mean: the %d held-out normal maps have one mean; the image "
+                         "score is their max alone", means.size)
+        return 0.0
+    return float(factor * np.std(maxima) / spread)
+
+
 def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 0.99,
               pixel_quantile: float = 0.999, device: Any = "cpu",
               out_of_fold: Optional[torch.Tensor] = None, folds: int = 5,
@@ -171,6 +189,8 @@ def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 
     maps = _grid_maps(model, loader, device) if maps is None else maps
     n = maps.shape[0]
     info: dict[str, Any] = {}
+    max_mean = model.cfg.map.score == "max_mean"
+    model.calibration.set_score_weight(0.0)  # max_mean: the max alone until w is fitted below
     if model.cfg.map.position_norm:
         if n < 4:
             raise CalibrationError(f"map.position_norm needs at least 4 held-out normal images "
@@ -192,7 +212,18 @@ def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 
     else:
         scores, pixels = _finish_maps(model, maps, device)
     oof = None if out_of_fold is None else _finish_maps(model, out_of_fold, device, False)[0]
-    cal = thresholds_from_scores(scores, pixels, image_quantile, pixel_quantile, oof)
+    pixel_floor = None
+    if max_mean:  # scores so far are the maps' maxima (w = 0)
+        means = pixels.reshape(n, -1).mean(axis=1, dtype=np.float64)
+        weight = _mean_weight(scores, means, model.cfg.map.mean_weight)
+        model.calibration.set_score_weight(weight)
+        pixel_floor = thresholds_from_scores(scores, None, image_quantile, pixel_quantile, oof)["raw_image"]
+        scores = scores + weight * means
+        oof = None if out_of_fold is None else _finish_maps(model, out_of_fold, device, False)[0]
+        info["score_mean_weight"] = weight
+        _LOG.info("image score = map max + %.4g x map mean (std of %d held-out normal maxima / of "
+                  "their means, x %g)", weight, n, model.cfg.map.mean_weight)
+    cal = thresholds_from_scores(scores, pixels, image_quantile, pixel_quantile, oof, pixel_floor)
     model.calibration.set_thresholds(cal["raw_image"], cal["raw_pixel"])
     cal.update(info)
     if oof is not None:

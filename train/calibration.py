@@ -7,6 +7,10 @@ saved in the checkpoint's state dict and traced into the exported graph:
   error map, ``(e - mean) / std`` (``map.position_norm``); applied BEFORE the image score is
   taken, so a place that is always rough on normal parts (a tile corner) does not set the
   score;
+- ``score_mean_weight`` (``map.score: max_mean``): w in ``score = max(map) + w * mean(map)``,
+  ``map.mean_weight`` times the ratio of the spreads (std) of held-out normal maps' maxima and
+  means, so that on normal parts both terms vary alike (0 for the other score forms; a checkpoint
+  saved before the buffer existed loads with 0);
 - ``image_threshold``, ``pixel_threshold``: quantiles of held-out normal image scores / map
   pixels in raw units; `normalize` divides by them so both thresholds sit at 0.5 in the
   outputs (linear, monotone, never clipped). Those are the buffer names in the checkpoint's
@@ -41,8 +45,23 @@ class Calibration(nn.Module):
         self.register_buffer("pos_std", torch.ones(1, 1, *grid_hw))
         self.register_buffer("image_threshold", torch.ones(()))
         self.register_buffer("pixel_threshold", torch.ones(()))
+        self.register_buffer("score_mean_weight", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("position_fitted", torch.zeros((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "score_mean_weight"  # absent from checkpoints saved before max_mean existed
+        if key not in state_dict:
+            state_dict[key] = torch.zeros(())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def set_score_weight(self, weight: float) -> None:
+        """w of the ``max_mean`` image score (see module doc)."""
+        if not math.isfinite(weight) or weight < 0:
+            raise CalibrationError(f"score mean weight {weight}: it must be finite and >= 0; the held-out "
+                                   "normal maps' means did not vary (check the data)")
+        self.score_mean_weight.fill_(float(weight))
 
     @torch.no_grad()
     def set_position_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:

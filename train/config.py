@@ -154,8 +154,13 @@ class MapCfg(Cfg):
                            "the image score is taken (part of the calibration; half of the held-out images set it)")
     sigma: float = Field(4.0, ge=0, description="gaussian smoothing sigma in input pixels (applied at grid "
                                                 "resolution); 0 = none")
-    score: Literal["max", "topk"] = Field(
-        "max", description="image score = map max, or mean of the top-k map pixels")
+    score: Literal["max", "topk", "max_mean"] = Field(
+        "max", description="image score = map max, the mean of the top-k map pixels, or max_mean: the map max "
+                           "plus w x the map mean (a small defect raises the max, a diffuse one the mean), w fitted "
+                           "on held-out normal maps")
+    mean_weight: float = Field(1.0, ge=0, description="max_mean: w = mean_weight x (std of held-out normal "
+                                                      "maps' maxima / std of their means), so at 1 both terms "
+                                                      "spread alike on normal parts; 0 = the max alone")
     topk: int = Field(100, ge=1, description="pixels averaged when score is topk (TensorRT TopK needs k <= 3840)")
 
 

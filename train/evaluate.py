@@ -109,7 +109,8 @@ def checkpoint_scorer(path: Path, device: str = "auto", threads: int | None = No
     cal = ckpt.get("calibration") or {}
     info = {"model": model.cfg.name, "device": str(dev), "threads": _threads(threads),
             "file": str(path), **model.calibration.thresholds(),
-            "calibration_method": cal.get("method"), "calibration": _reliability(cal)}
+            "calibration_method": cal.get("method"), "calibration": _reliability(cal),
+            "score_mean_weight": float(model.calibration.score_mean_weight)}
     return Scorer(run, model.cfg.hw, batch, "checkpoint", info, model.cfg.to_dict())
 
 
@@ -126,7 +127,8 @@ def bundle_scorer(bundle_dir: Path, device: str = "auto", threads: int | None = 
     info = {"model": m.model.get("id"), "device": runner.description, "threads": _threads(threads),
             "file": str(getattr(runner, "path", bundle.model_file(precision))),
             "raw_image": m.threshold.raw_image, "raw_pixel": m.threshold.raw_pixel,
-            "calibration_method": cal.get("method"), "calibration": _reliability(cal)}
+            "calibration_method": cal.get("method"), "calibration": _reliability(cal),
+            "score_mean_weight": cal.get("score_mean_weight")}
     return Scorer(runner.run, m.input.hw, m.batch, "bundle", info, m.model_config)
 
 
@@ -163,7 +165,7 @@ def score_dataset(scorer: Scorer, data: Path | list[Sample], progress: bool = Tr
     or its samples) with ``scorer``; ``zones`` (in image pixels) are applied to each map and
     score as the edge daemon does (``haloae.zones``)."""
     zone_set = ZoneSet(zones, "--ignore-zones") if zones is not None else None
-    reduction = reduction_from_model_config(scorer.model_config) if zones is not None else None
+    reduction = reduction_from_model_config(scorer.model_config, scorer.info) if zones is not None else None
     samples = find_checked_samples(data) if isinstance(data, (str, Path)) else list(data)
     n, s, b = len(samples), scorer.size, scorer.batch
     scores = np.empty(n, np.float32)

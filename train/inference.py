@@ -39,11 +39,12 @@ def grid_error(model: HaloAE, x01: torch.Tensor) -> torch.Tensor:
 
 def finish_map(model: HaloAE, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Smoothed grid error -> raw ``(score [N], anomaly_map [N, 1, H, W])``: position-wise
-    normalisation (when configured), upsampling, then the image score."""
+    normalisation (when configured), upsampling, then the image score (``max_mean``: with the
+    calibration's mean weight)."""
     if model.cfg.map.position_norm:
         err = model.calibration.position_normalize(err)
     amap = upsample(err, model.cfg.hw)
-    return image_score(amap, model.cfg.map), amap
+    return image_score(amap, model.cfg.map, model.calibration.score_mean_weight), amap
 
 
 def raw_outputs(model: HaloAE, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

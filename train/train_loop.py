@@ -160,6 +160,14 @@ class TrainResult:
     world_size: int
 
 
+SCORE_KEYS = ("score", "topk", "mean_weight")  # map keys no training step reads: calibration only
+
+
+def _without_score(model_cfg: dict) -> dict:
+    """A model config dict without the image-score keys (a resumed run may change them)."""
+    return {**model_cfg, "map": {k: v for k, v in model_cfg.get("map", {}).items() if k not in SCORE_KEYS}}
+
+
 def train(cfg: TrainCfg, data: Path, out: Path, device: str = "auto", resume: bool = False,
           stop_after: Optional[int] = None, progress: bool = True) -> TrainResult:
     """Train, calibrate and write RUN_DIR (see module doc)."""
@@ -187,9 +195,10 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
     torch.manual_seed(cfg.seed)
     model = create_model(model_cfg, device=info.device)
     if state is not None:
-        if state["config"] != model_cfg.to_dict():
+        if _without_score(state["config"]) != _without_score(model_cfg.to_dict()):
             raise RunError(f"{out / 'last.pt'} was trained with another model config; resume "
-                           "with the same --config or start a new --out")
+                           "with the same --config (only map.score, map.topk and map.mean_weight "
+                           "may change: they are applied at calibration) or start a new --out")
         model.load_state_dict(state["state_dict"])
     model.train()
     images = load_images(train_s, model_cfg.hw, progress, cfg.num_workers)  # uint8 [N, 3, H, W] on CPU

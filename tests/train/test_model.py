@@ -208,7 +208,7 @@ def test_config_inconsistent_values_raise(tmp_path):
 @pytest.mark.parametrize("patch,message", [
     ({"map": {"sigma": "4"}}, r"map\.sigma: Input should be a valid number, got '4' \(text, not a number"),
     ({"halo": {"heads": True}}, r"halo\.heads: Input should be a valid integer, got True"),
-    ({"map": {"score": "mean"}}, r"map\.score: Input should be 'max' or 'topk', got 'mean'"),
+    ({"map": {"score": "mean"}}, r"map\.score: Input should be 'max', 'topk' or 'max_mean', got 'mean'"),
     ({"backbone": {"aggregate": 0}}, r"backbone\.aggregate: Input should be greater than or equal to 1"),
     ({"input_size": [256, "x"]}, r"input_size: use a positive integer or \[height, width\]"),
     ({"map": {"sigma": float("nan")}}, r"map\.sigma: Input should be a finite number"),
