@@ -59,16 +59,20 @@ def _features(model, samples, hw, brightness: bool, batch=16, desc="features"):
     return torch.cat(out)
 
 
+def threshold_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float:
+    """The threshold that flags ``fpr`` of the good images (labels 0): just above the good score
+    that many of them exceed (``scores > threshold`` is the verdict)."""
+    good = np.sort(scores[labels == 0])
+    k = int(np.floor(fpr * len(good)))
+    return float(good[-k - 1]) if k < len(good) else -np.inf
+
+
 def _metrics(scored, scores, maps, fpr_target: float) -> dict:
     """Every metric of one method on the test set (scores [N], maps [N, H, W])."""
     from haloae.train import metrics
 
     y, classes = scored.labels, np.array(scored.classes)
-    good = np.sort(scores[y == 0])
-    # threshold with this false-positive rate on the good test images
-    k = int(np.floor(fpr_target * len(good)))
-    thr = good[-k - 1] if k < len(good) else -np.inf
-    pred = scores > thr
+    pred = scores > threshold_at_fpr(scores, y, fpr_target)
     per_class, recall, aupro_class = {}, {}, {}
     for c in sorted(set(scored.classes) - {"good"}):
         sel = (classes == "good") | (classes == c)

@@ -472,17 +472,17 @@ def _score_row(name, scores, test, rows, fprs=(0.028, 0.05)):
     """One image-score form (the map unchanged): image AUROC, F1-max, per-class AUROC and the
     best recall at each false-positive rate of ``fprs`` on the good test images (the
     threshold just above the good score that many good images exceed, as `accuracy._metrics`)."""
+    from accuracy import threshold_at_fpr
+
     from haloae.train import metrics
 
     y, classes = np.asarray(test["labels"]), np.array(test["classes"])
-    good = np.sort(scores[y == 0])
     r = {"form": name, "image_auroc": metrics.auroc(y, scores), "image_f1_max": metrics.f1_max(y, scores)[0]}
     for c in sorted(set(test["classes"]) - {"good"}):
         sel = (classes == "good") | (classes == c)
         r[c] = metrics.auroc(y[sel], scores[sel])
     for fpr in fprs:
-        k = int(np.floor(fpr * len(good)))
-        r[f"recall_at_fpr_{fpr:g}"] = float((scores[y == 1] > good[-k - 1]).mean())
+        r[f"recall_at_fpr_{fpr:g}"] = float((scores[y == 1] > threshold_at_fpr(scores, y, fpr)).mean())
     rows.append(r)
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v) for k, v in r.items()), flush=True)
 
@@ -492,12 +492,12 @@ def scores(args) -> int:
     refitted on its split as `checkpoint` does): the max, top-k means, the max of a k x k
     average-pooled map, and max + f w mean with w = std(maxima) / std(means) of the held-out
     maps, each held-out map under the position statistics of the other held-out images
-    (5 folds, as `train/calibrate.py` does)."""
+    (5 folds, as `train/calibrate.py` does; its `score_mean_weight`)."""
     import torch
     import torch.nn.functional as F
 
     from haloae.train.anomaly_map import upsample
-    from haloae.train.calibrate import cross_folds
+    from haloae.train.calibrate import cross_folds, score_mean_weight
 
     torch.set_num_threads(args.threads)
     model, test, sp = _run_features(args)
@@ -512,7 +512,7 @@ def scores(args) -> int:
         held[fold] = upsample(_posnorm(e_po[fold], e_po[rest], m.sigma, hw), hw)[:, 0]
     flat, flat_po = z_te.flatten(1), held.flatten(1)
     mx, mean = flat.max(1).values.numpy(), flat.mean(1).numpy()
-    w = float(flat_po.max(1).values.std() / flat_po.mean(1).std())
+    w = score_mean_weight(flat_po.max(1).values.numpy(), flat_po.mean(1).numpy(), 1.0)
     print(f"w = std(maxima) / std(means) of {n} held-out maps = {w:.4g}", flush=True)
     rows: list[dict] = []
     _score_row("max", mx, test, rows)

@@ -101,11 +101,9 @@ def _threshold_section(calibration: dict[str, Any], model) -> dict[str, Any]:
     the graph divides by), how they were set from the checkpoint's calibration record."""
     keys = ("method", "quantile", "pixel_quantile", "promised_false_positive_rate",
             "threshold_images", "held_out_images", "out_of_fold_images", "images_needed",
-            "reliable", "normal_scores")
-    out = {**model.calibration.thresholds(), **{k: calibration[k] for k in keys if k in calibration}}
-    if model.cfg.map.score == "max_mean":  # the edge rescores with it under ignore zones (haloae.zones)
-        out["score_mean_weight"] = float(model.calibration.score_mean_weight)
-    return out
+            "reliable", "normal_scores",
+            "score_mean_weight")  # map.score max_mean: the edge rescores with it under ignore zones
+    return {**model.calibration.thresholds(), **{k: calibration[k] for k in keys if k in calibration}}
 
 
 def export_bundle(checkpoint: Path, out: Path, fp16: bool = False, batch: int = 1,

@@ -139,18 +139,19 @@ def _grid_maps(model: torch.nn.Module, loader: Iterable, device: Any) -> torch.T
     return torch.cat(out)
 
 
-def _finish_maps(model: torch.nn.Module, maps: torch.Tensor, device: Any,
-                 pixels: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Raw image scores [N] and (with ``pixels``) map pixels [N, H, W] of grid maps, under the
-    model's current position statistics."""
-    scores, out = [], []
+def _finish_maps(model: torch.nn.Module, maps: torch.Tensor, device: Any, pixels: bool = True
+                 ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """Raw image scores [N], (with ``pixels``) map pixels [N, H, W] and map means [N] of grid
+    maps, under the model's current position statistics."""
+    scores, out, means = [], [], []
     with torch.inference_mode():
         for lo in range(0, maps.shape[0], 16):
             s, m = finish_map(model, maps[lo:lo + 16].to(device))
             scores.append(s.float().cpu().numpy())
+            means.append(m.flatten(1).mean(1, dtype=torch.float64).cpu().numpy())
             if pixels:
                 out.append(m[:, 0].float().cpu().numpy())
-    return np.concatenate(scores), (np.concatenate(out) if pixels else None)
+    return np.concatenate(scores), (np.concatenate(out) if pixels else None), np.concatenate(means)
 
 
 def cross_folds(order: torch.Tensor, k: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -164,7 +165,7 @@ def _set_position_stats(model: torch.nn.Module, maps: torch.Tensor) -> None:
     model.calibration.set_position_stats(maps.mean(dim=0)[0], maps.std(dim=0)[0])
 
 
-def _mean_weight(maxima: np.ndarray, means: np.ndarray, factor: float) -> float:
+def score_mean_weight(maxima: np.ndarray, means: np.ndarray, factor: float) -> float:
     """w of the ``max_mean`` score: ``factor`` x std(maxima) / std(means) of held-out normal
     maps (0 when the means do not vary: the max alone)."""
     spread = float(np.std(means))
@@ -198,28 +199,28 @@ def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 
                                    "raise holdout_fraction or add images")
         k = min(folds, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
-        scores, pixels = np.empty(n), None
+        scores, pixels, means = np.empty(n), None, np.empty(n)
         for fold, rest in cross_folds(order, k):
             _set_position_stats(model, maps[rest])
-            s, px = _finish_maps(model, maps[fold], device)
+            s, px, mu = _finish_maps(model, maps[fold], device)
             if pixels is None:
                 pixels = np.empty((n, *px.shape[1:]), dtype=np.float32)
-            scores[fold.numpy()], pixels[fold.numpy()] = s, px
+            scores[fold.numpy()], pixels[fold.numpy()], means[fold.numpy()] = s, px, mu
         _set_position_stats(model, maps)  # the shipped statistics: every held-out image
         info["position_norm"] = {"images": n, "folds": k}
         _LOG.info("position-wise map statistics from %d held-out normal images (threshold "
                   "scores cross-fitted over %d folds)", n, k)
     else:
-        scores, pixels = _finish_maps(model, maps, device)
-    oof = None if out_of_fold is None else _finish_maps(model, out_of_fold, device, False)[0]
+        scores, pixels, means = _finish_maps(model, maps, device)
+    oof, oof_means = (None, None) if out_of_fold is None else \
+        _finish_maps(model, out_of_fold, device, False)[::2]
     pixel_floor = None
-    if max_mean:  # scores so far are the maps' maxima (w = 0)
-        means = pixels.reshape(n, -1).mean(axis=1, dtype=np.float64)
-        weight = _mean_weight(scores, means, model.cfg.map.mean_weight)
+    if max_mean:  # scores so far are the maps' maxima (w = 0): add w x their means
+        weight = score_mean_weight(scores, means, model.cfg.map.mean_weight)
         model.calibration.set_score_weight(weight)
         pixel_floor = thresholds_from_scores(scores, None, image_quantile, pixel_quantile, oof)["raw_image"]
         scores = scores + weight * means
-        oof = None if out_of_fold is None else _finish_maps(model, out_of_fold, device, False)[0]
+        oof = None if oof is None else oof + weight * oof_means
         info["score_mean_weight"] = weight
         _LOG.info("image score = map max + %.4g x map mean (std of %d held-out normal maxima / of "
                   "their means, x %g)", weight, n, model.cfg.map.mean_weight)
