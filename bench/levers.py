@@ -33,8 +33,9 @@ refitted on the transformed images):
     python bench/levers.py inputs --run runs/mtd-edge --data ../shared/data/mtd \
         --out bench/results/levers-mtd-inputs.json
 
-``maps`` fuses a trained run's shipped map with other terms (the high-variance Gaussian
-directions, a coarse residual Gaussian, a fine stride-4 PaDiM term, PaDiM on the raw
+``maps`` fuses a trained run's full-Gaussian map with other terms (the high-variance Gaussian
+directions, the finer layers' own Gaussian - ``map.fine_weight`` -, a coarse residual Gaussian,
+a fine stride-4 PaDiM term, PaDiM on the raw
 features) and tries subtracting part of each image's own background; its rows carry the
 per-class AUPRO that explains a pooled one:
 
@@ -352,6 +353,10 @@ def maps(args) -> int:
         hi = [((c * a ** 2 - k * lo ** 2).clamp_min(0) / (c - k)).sqrt()
               for a, lo in ((al_te, lo_te), (al_po, lo_po))]
         fused(f"high-variance directions ({c - k})", _posnorm(*hi, sigma, hw))
+    fine = sum(model.backbone.trunk.channels[:-1])  # the finer layers' channels (map.fine_weight)
+    if 0 < fine < c:
+        e = _fit_apply(r_tr[:, :fine], [r_te[:, :fine], r_po[:, :fine]], 0, m.gaussian_eps, grid)
+        fused(f"finer layers' own Gaussian ({fine} channels)", _posnorm(*e, sigma, hw))
     for pool in (2, 4):
         p = [F.avg_pool2d(r.float(), pool) for r in (r_tr, r_te, r_po)]
         e = _fit_apply(p[0], p[1:], k, m.gaussian_eps, (grid[0] // pool, grid[1] // pool))

@@ -35,7 +35,7 @@ _LOGIT_SOURCES = {"MatMul", "Gemm", "Einsum"}
 _TAIL_OPS = {"Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "ReduceMean", "ReduceMax", "ReduceSum",
              "ReduceMin", "TopK", "Resize", "Conv", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
              "Slice", "Gather", "Transpose", "Cast", "Identity", "Pad", "Clip", "Max", "Min",
-             "Expand", "Abs", "MatMul"}
+             "Expand", "Abs", "MatMul", "Concat"}  # Concat: the two maps of map.fine_weight
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

@@ -4,7 +4,7 @@ Training, calibration, evaluation and export all use these functions (composed i
 ``inference.py``):
 
 1. `error_map`: the error at every grid position from features F and reconstruction F_hat
-   [N, C, gh, gw] -> [N, 1, gh, gw]: the paper's channel mean of (F - F_hat)^2 (``mse``,
+   [N, C, gh, gw] -> [N, M, gh, gw] (M = 1, or 2 with ``map.fine_weight``): the paper's channel mean of (F - F_hat)^2 (``mse``,
    computed as the sum of ((F - F_hat) / sqrt(C))^2: no fp16 overflow), or the distance of
    the residual under the position-wise Gaussian of normal residuals (``gaussian``,
    `position_gaussian.py`);
@@ -16,7 +16,12 @@ Training, calibration, evaluation and export all use these functions (composed i
 4. `upsample`: bilinear to the input size (align_corners=False, no antialias) -> [N, 1, H, W];
 5. `image_score`: max of the map, the mean of its top-k pixels, or the max plus w times the map
    mean (``max_mean``: a small defect raises the max, a diffuse one - uneven texture, a shading
-   fault - the whole map a little; w is fitted at calibration, docs/benchmarks.md row 43) -> [N].
+   fault - the whole map a little; w is fitted at calibration, docs/benchmarks.md row 43) -> [N];
+6. `published_map`: the map the model outputs. With ``map.fine_weight`` f the Gaussian gives a
+   second distance, over the finer layers' channels alone (M = 2), and the output map is
+   ``(z + f z_fine) / (1 + f)``: the coarsest layer's large receptive field raises the whole map
+   of a defective part (the "glow"), the finer layers' distance localises (docs/benchmarks.md
+   row 45). The image score (step 5) is taken from z alone, which detects best.
 
 The map is normalised (step 3) BEFORE the image score is taken (step 5).
 """
@@ -51,10 +56,13 @@ def _border_gain(size: int, taps: tuple[float, ...]) -> tuple[float, ...]:
 
 
 def gaussian_blur_grid(amap: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [N, 1, gh, gw] with border renormalisation (all constants)."""
+    """Separable Gaussian blur of [N, M, gh, gw] (each map alone) with border renormalisation
+    (all constants)."""
     if sigma <= 0:
         return amap
-    gh, gw = amap.shape[-2:]
+    n, m, gh, gw = amap.shape
+    if m > 1:
+        return gaussian_blur_grid(amap.reshape(n * m, 1, gh, gw), sigma).reshape(n, m, gh, gw)
     taps = gaussian_taps(float(sigma))
     r = len(taps) // 2
     kw = dict(device=amap.device, dtype=amap.dtype)
@@ -91,6 +99,16 @@ def smooth(err: torch.Tensor, map_cfg: MapCfg, out_hw: tuple[int, int]) -> torch
 def upsample(err: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     """[N, 1, gh, gw] -> [N, 1, H, W], bilinear, no antialias (TensorRT Resize)."""
     return F.interpolate(err, size=tuple(out_hw), mode="bilinear", align_corners=False)
+
+
+def published_map(z: torch.Tensor, map_cfg: MapCfg) -> torch.Tensor:
+    """Normalised maps [N, M, h, w] -> the map the model publishes [N, 1, h, w]: the
+    full distance's (M = 1), or with ``map.fine_weight`` f (M = 2: the full and the fine
+    distance) ``(z + f z_fine) / (1 + f)``. The image score is taken from channel 0 alone."""
+    if z.shape[1] == 1:
+        return z
+    f = map_cfg.fine_weight
+    return (z[:, :1] + f * z[:, 1:2]) * (1.0 / (1.0 + f))
 
 
 def image_score(amap: torch.Tensor, map_cfg: MapCfg, mean_weight: Optional[torch.Tensor] = None

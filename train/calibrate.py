@@ -13,7 +13,9 @@
    ``map.score: max_mean`` the weight w of the map mean is fitted first, from the same
    cross-fitted held-out maps (the spread of their maxima over that of their means), and the
    pixel floor is the threshold the maxima alone would get: a region is then as rare on normal
-   parts as before, and a part flagged by a diffuse rise of its whole map may carry none;
+   parts as before, and a part flagged by a diffuse rise of its whole map may carry none. With
+   ``map.fine_weight`` the published map is not the score map (`inference.finish_maps`): the
+   floor is then the threshold the PUBLISHED map's maxima would get, so a region stays as rare;
 3. ``out_of_fold`` (``map.error: gaussian``, `fit_stats.out_of_fold_maps`): the training
    images' maps, each under a Gaussian fitted without it, scored with the shipped position
    statistics. The image threshold is then the larger of the held-out quantile and the
@@ -37,7 +39,8 @@ import numpy as np
 import torch
 
 from .calibration import CalibrationError
-from .inference import finish_map, grid_error
+from .anomaly_map import image_score
+from .inference import finish_maps, grid_error
 
 _LOG = logging.getLogger(__name__)
 
@@ -122,7 +125,7 @@ def _images(batch: Any) -> torch.Tensor:
 
 
 def _grid_maps(model: torch.nn.Module, loader: Iterable, device: Any) -> torch.Tensor:
-    """Smoothed grid error maps [N, 1, gh, gw] (before position normalisation), eval mode."""
+    """Smoothed grid error maps [N, M, gh, gw] (before position normalisation), eval mode."""
     was_training = model.training
     model.eval()
     out = []
@@ -140,18 +143,22 @@ def _grid_maps(model: torch.nn.Module, loader: Iterable, device: Any) -> torch.T
 
 
 def _finish_maps(model: torch.nn.Module, maps: torch.Tensor, device: Any, pixels: bool = True
-                 ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
-    """Raw image scores [N], (with ``pixels``) map pixels [N, H, W] and map means [N] of grid
-    maps, under the model's current position statistics."""
-    scores, out, means = [], [], []
+                 ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """Raw image scores [N], (with ``pixels``) the published map's pixels [N, H, W], the score
+    map's means [N] and the published map's maxima [N] of grid maps, under the model's current
+    position statistics (score map = published map unless ``map.fine_weight``)."""
+    scores, out, means, maxima = [], [], [], []
     with torch.inference_mode():
         for lo in range(0, maps.shape[0], 16):
-            s, m = finish_map(model, maps[lo:lo + 16].to(device))
+            score_map, m = finish_maps(model, maps[lo:lo + 16].to(device))
+            s = image_score(score_map, model.cfg.map, model.calibration.score_mean_weight)
             scores.append(s.float().cpu().numpy())
-            means.append(m.flatten(1).mean(1, dtype=torch.float64).cpu().numpy())
+            means.append(score_map.flatten(1).mean(1, dtype=torch.float64).cpu().numpy())
+            maxima.append(m.flatten(1).amax(1).float().cpu().numpy())
             if pixels:
                 out.append(m[:, 0].float().cpu().numpy())
-    return np.concatenate(scores), (np.concatenate(out) if pixels else None), np.concatenate(means)
+    return (np.concatenate(scores), (np.concatenate(out) if pixels else None), np.concatenate(means),
+            np.concatenate(maxima))
 
 
 def cross_folds(order: torch.Tensor, k: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -162,7 +169,7 @@ def cross_folds(order: torch.Tensor, k: int) -> Iterator[tuple[torch.Tensor, tor
 
 
 def _set_position_stats(model: torch.nn.Module, maps: torch.Tensor) -> None:
-    model.calibration.set_position_stats(maps.mean(dim=0)[0], maps.std(dim=0)[0])
+    model.calibration.set_position_stats(maps.mean(dim=0), maps.std(dim=0))
 
 
 def score_mean_weight(maxima: np.ndarray, means: np.ndarray, factor: float) -> float:
@@ -199,26 +206,31 @@ def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 
                                    "raise holdout_fraction or add images")
         k = min(folds, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
-        scores, pixels, means = np.empty(n), None, np.empty(n)
+        scores, pixels, means, maxima = np.empty(n), None, np.empty(n), np.empty(n)
         for fold, rest in cross_folds(order, k):
             _set_position_stats(model, maps[rest])
-            s, px, mu = _finish_maps(model, maps[fold], device)
+            s, px, mu, mx = _finish_maps(model, maps[fold], device)
             if pixels is None:
                 pixels = np.empty((n, *px.shape[1:]), dtype=np.float32)
-            scores[fold.numpy()], pixels[fold.numpy()], means[fold.numpy()] = s, px, mu
+            f = fold.numpy()
+            scores[f], pixels[f], means[f], maxima[f] = s, px, mu, mx
         _set_position_stats(model, maps)  # the shipped statistics: every held-out image
         info["position_norm"] = {"images": n, "folds": k}
         _LOG.info("position-wise map statistics from %d held-out normal images (threshold "
                   "scores cross-fitted over %d folds)", n, k)
     else:
-        scores, pixels, means = _finish_maps(model, maps, device)
-    oof, oof_means = (None, None) if out_of_fold is None else \
-        _finish_maps(model, out_of_fold, device, False)[::2]
+        scores, pixels, means, maxima = _finish_maps(model, maps, device)
+    oof = oof_means = oof_maxima = None
+    if out_of_fold is not None:
+        oof, _, oof_means, oof_maxima = _finish_maps(model, out_of_fold, device, False)
     pixel_floor = None
-    if max_mean:  # scores so far are the maps' maxima (w = 0): add w x their means
+    fine = model.cfg.map.fine_weight > 0
+    if max_mean or fine:  # the least pixel threshold: what the published map's maxima alone would get
+        pixel_floor = thresholds_from_scores(maxima, None, image_quantile, pixel_quantile,
+                                             oof_maxima)["raw_image"]
+    if max_mean:  # scores so far are the score maps' maxima (w = 0): add w x their means
         weight = score_mean_weight(scores, means, model.cfg.map.mean_weight)
         model.calibration.set_score_weight(weight)
-        pixel_floor = thresholds_from_scores(scores, None, image_quantile, pixel_quantile, oof)["raw_image"]
         scores = scores + weight * means
         oof = None if oof is None else oof + weight * oof_means
         info["score_mean_weight"] = weight

@@ -3,10 +3,11 @@
 Everything that is fitted on HELD-OUT normal images lives here as registered buffers, so it is
 saved in the checkpoint's state dict and traced into the exported graph:
 
-- ``pos_mean``, ``pos_std`` [1, 1, gh, gw]: position-wise normalisation of the smoothed grid
+- ``pos_mean``, ``pos_std`` [1, M, gh, gw]: position-wise normalisation of the smoothed grid
   error map, ``(e - mean) / std`` (``map.position_norm``); applied BEFORE the image score is
   taken, so a place that is always rough on normal parts (a tile corner) does not set the
-  score;
+  score. M = 2 with ``map.fine_weight`` (the full and the fine distance, each normalised with
+  its own statistics), else 1;
 - ``score_mean_weight`` (``map.score: max_mean``): w in ``score = max(map) + w * mean(map)``,
   ``map.mean_weight`` times the ratio of the spreads (std) of held-out normal maps' maxima and
   means, so that on normal parts both terms vary alike (0 for the other score forms; a checkpoint
@@ -39,10 +40,10 @@ class CalibrationError(UserError, ValueError):
 class Calibration(nn.Module):
     """Buffers fitted on held-out normal images (see module doc)."""
 
-    def __init__(self, grid_hw: tuple[int, int]) -> None:
+    def __init__(self, grid_hw: tuple[int, int], maps: int = 1) -> None:
         super().__init__()
-        self.register_buffer("pos_mean", torch.zeros(1, 1, *grid_hw))
-        self.register_buffer("pos_std", torch.ones(1, 1, *grid_hw))
+        self.register_buffer("pos_mean", torch.zeros(1, maps, *grid_hw))
+        self.register_buffer("pos_std", torch.ones(1, maps, *grid_hw))
         self.register_buffer("image_threshold", torch.ones(()))
         self.register_buffer("pixel_threshold", torch.ones(()))
         self.register_buffer("score_mean_weight", torch.zeros(()))
@@ -65,10 +66,12 @@ class Calibration(nn.Module):
 
     @torch.no_grad()
     def set_position_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Per-position mean / std [gh, gw] of smoothed held-out normal grid maps."""
-        std = std.reshape(self.pos_std.shape).float()
-        std = std.clamp_min(POS_STD_FLOOR * float(std.mean()) + 1e-12)
-        self.pos_mean.copy_(mean.reshape(self.pos_mean.shape).float())
+        """Per-position mean / std [M, gh, gw] of smoothed held-out normal grid maps ([gh, gw]:
+        the same for every map); each map's std is floored at `POS_STD_FLOOR` of its own mean."""
+        gh, gw = self.pos_std.shape[-2:]
+        std = std.float().reshape(1, -1, gh, gw).expand_as(self.pos_std)
+        std = torch.maximum(std, POS_STD_FLOOR * std.mean(dim=(2, 3), keepdim=True) + 1e-12)
+        self.pos_mean.copy_(mean.float().reshape(1, -1, gh, gw).expand_as(self.pos_mean))
         self.pos_std.copy_(std)
         self.position_fitted.fill_(True)
 
@@ -84,7 +87,7 @@ class Calibration(nn.Module):
         self.fitted.fill_(True)
 
     def position_normalize(self, err: torch.Tensor) -> torch.Tensor:
-        """[N, 1, gh, gw] grid map -> position-normalised map (identity until fitted)."""
+        """[N, M, gh, gw] grid maps -> position-normalised maps (identity until fitted)."""
         return (err - self.pos_mean) / self.pos_std
 
     def normalize(self, score: torch.Tensor, amap: torch.Tensor

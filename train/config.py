@@ -162,6 +162,12 @@ class MapCfg(Cfg):
                                                       "maps' maxima / std of their means), so at 1 both terms "
                                                       "spread alike on normal parts; 0 = the max alone")
     topk: int = Field(100, ge=1, description="pixels averaged when score is topk (TensorRT TopK needs k <= 3840)")
+    fine_weight: float = Field(
+        0.0, ge=0, description="gaussian with every channel and direction: the published map is (z + f z_fine) / "
+                               "(1 + f), z_fine the distance over the finer layers' channels only (all but the "
+                               "last backbone layer; free: a prefix of the triangular projection), each "
+                               "position-normalised; the image score stays on z alone. 0 = off "
+                               "(docs/benchmarks.md row 45)")
 
 
 class ModelCfg(Cfg):
@@ -235,6 +241,14 @@ class ModelCfg(Cfg):
             raise ConfigError(f"map.gaussian_rank={m.gaussian_rank} > map.gaussian_channels="
                               f"{m.gaussian_channels}: keep at most as many directions as "
                               "channels")
+        if m.fine_weight > 0 and (m.error != "gaussian" or m.gaussian_channels or m.gaussian_rank):
+            raise ConfigError(f"map.fine_weight={m.fine_weight:g} needs map.error=gaussian with every channel and "
+                              f"direction (gaussian_channels: 0, gaussian_rank: 0; got error={m.error}, "
+                              f"gaussian_channels={m.gaussian_channels}, gaussian_rank={m.gaussian_rank}); "
+                              "or set map.fine_weight: 0")
+        if m.fine_weight > 0 and len(b.layers) < 2:
+            raise ConfigError(f"map.fine_weight={m.fine_weight:g} needs at least 2 backbone.layers (the finer "
+                              f"ones form z_fine); got {b.layers}; add a layer or set map.fine_weight: 0")
         if self.image_decoder:
             ups = math.log2(H // gh)
             if ups != int(ups) or len(self.image_decoder_widths) != int(ups):

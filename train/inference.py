@@ -18,14 +18,14 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .anomaly_map import error_map, image_score, smooth, upsample
+from .anomaly_map import error_map, image_score, published_map, smooth, upsample
 from .calibration import CalibrationError
 from .position_gaussian import check_fitted
 from .torch_model import HaloAE
 
 
 def grid_error(model: HaloAE, x01: torch.Tensor) -> torch.Tensor:
-    """Smoothed raw error at grid resolution [N, 1, gh, gw], BEFORE position normalisation
+    """Smoothed raw error at grid resolution [N, M, gh, gw], BEFORE position normalisation
     (what the position statistics of the calibration are computed from).
 
     ``model``: a `HaloAE` or a `HaloAEInference` (anything with ``cfg``, ``backbone``,
@@ -37,14 +37,26 @@ def grid_error(model: HaloAE, x01: torch.Tensor) -> torch.Tensor:
     return smooth(err, model.cfg.map, model.cfg.hw)
 
 
-def finish_map(model: HaloAE, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smoothed grid error -> raw ``(score [N], anomaly_map [N, 1, H, W])``: position-wise
-    normalisation (when configured), upsampling, then the image score (``max_mean``: with the
-    calibration's mean weight)."""
+def finish_maps(model: HaloAE, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed grid errors [N, M, gh, gw] -> ``(score_map, anomaly_map)``, both raw
+    [N, 1, H, W]: position-wise normalisation (when configured), then the map the image score
+    is taken from (the full distance) and the published one (`published_map`: the same map
+    unless ``map.fine_weight``), upsampled."""
     if model.cfg.map.position_norm:
         err = model.calibration.position_normalize(err)
-    amap = upsample(err, model.cfg.hw)
-    return image_score(amap, model.cfg.map, model.calibration.score_mean_weight), amap
+    if err.shape[1] == 1:
+        amap = upsample(err, model.cfg.hw)
+        return amap, amap
+    # bilinear upsampling is linear: combine at grid resolution, then upsample both maps at once
+    up = upsample(torch.cat([err[:, :1], published_map(err, model.cfg.map)], dim=1), model.cfg.hw)
+    return up[:, :1], up[:, 1:]
+
+
+def finish_map(model: HaloAE, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed grid errors -> raw ``(score [N], anomaly_map [N, 1, H, W])`` (`finish_maps`, then
+    the image score of the score map; ``max_mean``: with the calibration's mean weight)."""
+    score_map, amap = finish_maps(model, err)
+    return image_score(score_map, model.cfg.map, model.calibration.score_mean_weight), amap
 
 
 def raw_outputs(model: HaloAE, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,13 @@ weights read per frame fall to (B + 1) / 2B of the dense matrix (5/8 for 4 block
 80 MB on MTD; docs/benchmarks.md, latency), the distance is the same to fp32 rounding, and a
 checkpoint saved with the older dense eigenvector projection is converted when it loads.
 
+``fine`` m > 0 (``map.fine_weight``, the first m channels are the finer backbone layers'): the
+forward also returns the distance over those channels alone, as a second map channel. It costs
+no weights: with ``U`` upper-triangular and ``U U^T = cov^-1``, ``cov = L L^T`` for the lower
+``L = U^-T``, so the leading m x m block of ``U`` whitens the leading block of ``cov`` (the
+prefix channels' own covariance), and a column block ends at m so that distance is the sum of
+the blocks before it.
+
 All statistics are registered buffers (checkpoint state dict and exported graph; the blocks
 are non-persistent copies cut from ``proj``). Export: Gather (channel subset), Reshape,
 Transpose, Sub, Slice, batched MatMul [P/s^2, s^2 N, d_b] x [P/s^2, d_b, k_b], Mul,
@@ -51,6 +58,22 @@ FP16_SCALE = 16.0  # z / FP16_SCALE is squared: fp16-safe up to |z| ~ 4000 per d
 TRIANGLE_BLOCKS = 4  # column blocks of a full-rank projection (4: 5/8 of the dense weights)
 
 
+def block_bounds(dims: int, fine: int = 0) -> list[tuple[int, int]]:
+    """Column blocks ``(start, end)`` of a triangular projection: ``TRIANGLE_BLOCKS`` of equal
+    width, or with ``fine`` the first ``fine`` columns and the rest, each cut into about as many
+    blocks as their share of the columns (a block ends at ``fine``, so the fine distance is the
+    sum of the blocks before it)."""
+    if not fine:
+        step = -(-dims // TRIANGLE_BLOCKS)
+        return [(a, min(a + step, dims)) for a in range(0, dims, step)]
+    nf = max(1, min(TRIANGLE_BLOCKS - 1, round(TRIANGLE_BLOCKS * fine / dims)))
+    out = []
+    for lo, hi, nb in ((0, fine, nf), (fine, dims, TRIANGLE_BLOCKS - nf)):
+        cuts = [lo + round(i * (hi - lo) / nb) for i in range(nb + 1)]
+        out += [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return out
+
+
 def upper_factor(proj: torch.Tensor) -> torch.Tensor:
     """[..., d, d] whitening ``W`` -> upper-triangular ``U`` with ``U U^T = W W^T`` (float64
     inside), so ``|x U| = |x W|`` for every row vector ``x`` and column j of ``U`` reads only
@@ -66,13 +89,18 @@ def is_upper(proj: torch.Tensor) -> bool:
 
 
 class PositionGaussian(nn.Module):
-    """Residual [N, C, gh, gw] -> error [N, 1, gh, gw] (see module doc); `fit` it first."""
+    """Residual [N, C, gh, gw] -> error [N, 1, gh, gw], or with ``fine`` [N, 2, gh, gw] (channel
+    1: the distance over the first ``fine`` channels alone; see module doc); `fit` it first."""
 
     def __init__(self, channels: int, grid_hw: tuple[int, int], dims: int = 0, rank: int = 0,
-                 eps: float = 0.01, seed: int = 0, share: int = 1) -> None:
+                 eps: float = 0.01, seed: int = 0, share: int = 1, fine: int = 0) -> None:
         super().__init__()
         d = channels if dims <= 0 else min(dims, channels)
         k = d if rank <= 0 else min(rank, d)
+        if fine and (d != channels or k != d or not 0 < fine < d):
+            raise ValueError(f"position-wise Gaussian: fine={fine} needs every channel and direction "
+                             f"(dims {d} of {channels}, rank {k}) and 0 < fine < {d}")
+        self.fine = fine
         if share < 1 or grid_hw[0] % share or grid_hw[1] % share:
             raise ValueError(f"position-wise Gaussian: share={share} must divide the grid "
                              f"{grid_hw[0]}x{grid_hw[1]}; use 1 or a divisor of both sides")
@@ -100,18 +128,18 @@ class PositionGaussian(nn.Module):
             return
         if not is_upper(self.proj):
             self.proj.copy_(upper_factor(self.proj))
-        step = -(-self.dims // TRIANGLE_BLOCKS)
-        for i, start in enumerate(range(0, self.dims, step)):
-            end = min(start + step, self.dims)
+        for i, (start, end) in enumerate(block_bounds(self.dims, self.fine)):
             self.blocks.append(end)
             self.register_buffer(f"proj_block{i}", self.proj[:, :end, start:end].clone(),
                                  persistent=False)
 
     @classmethod
-    def for_config(cls, channels: int, cfg: ModelCfg) -> "PositionGaussian":
+    def for_config(cls, channels: int, cfg: ModelCfg, fine: int = 0) -> "PositionGaussian":
+        """The Gaussian of ``cfg.map``; ``fine``: the finer layers' channel count (used when
+        ``map.fine_weight`` > 0)."""
         m = cfg.map
         return cls(channels, cfg.backbone.grid_hw, m.gaussian_channels, m.gaussian_rank,
-                   m.gaussian_eps, share=m.gaussian_share)
+                   m.gaussian_eps, share=m.gaussian_share, fine=fine)
 
     def _positions(self, r: torch.Tensor) -> torch.Tensor:
         """[N, C, gh, gw] -> [P, N, d] (the channel subset at every position)."""
@@ -174,18 +202,25 @@ class PositionGaussian(nn.Module):
         s, (gh, gw) = self.share, self.grid_hw
         x = self._positions(residual) - self.mean  # P, N, d
         x = self._cells(x).reshape(-1, s * s * n, self.dims)  # P/s^2, s^2 N, d (s = 1: P, N, d)
+        sq_fine = None
         if self.blocks:  # upper-triangular: each column block reads its channel prefix only
             sq = None
             for i, end in enumerate(self.blocks):
                 z = torch.matmul(x[:, :, :end], getattr(self, f"proj_block{i}"))
                 part = z.pow(2).sum(dim=2)
                 sq = part if sq is None else sq + part
+                if end == self.fine:  # the prefix columns: the first `fine` channels' own distance
+                    sq_fine = sq
         else:
             z = torch.matmul(x, self.proj)  # P/s^2, s^2 N, k: scaled whitened coordinates
             sq = z.pow(2).sum(dim=2)
+            if self.fine:  # unfitted (dense) projection: the same columns, all zeros until fit
+                sq_fine = z[:, :, :self.fine].pow(2).sum(dim=2)
         e = sq.sqrt() * FP16_SCALE  # RMS Mahalanobis over k directions
-        e = e.reshape(gh // s, gw // s, s, s, n).permute(4, 0, 2, 1, 3)  # N, gh/s, s, gw/s, s
-        return e.reshape(n, 1, gh, gw)
+        if sq_fine is not None:  # RMS over its own fine directions: (sq_fine * k / fine) ** 0.5
+            e = torch.stack([e, sq_fine.sqrt() * (FP16_SCALE * (self.rank / self.fine) ** 0.5)])
+        e = e.reshape(-1, gh // s, gw // s, s, s, n).permute(5, 0, 1, 3, 2, 4)  # N, M, gh/s, s, gw/s, s
+        return e.reshape(n, -1, gh, gw)
 
 
 def check_fitted(gaussian: Optional[PositionGaussian], source: str) -> None:

@@ -132,8 +132,10 @@ class HaloAE(nn.Module):
         self.feature_channels = c
         self.autoencoder = HaloAutoEncoder(c, cfg.level_sides(), cfg.level_blocks(), cfg.halo)
         # anomaly-map statistics and thresholds (buffers; fitted after training)
-        self.gaussian = PositionGaussian.for_config(c, cfg) if cfg.map.error == "gaussian" else None
-        self.calibration = Calibration(cfg.backbone.grid_hw)
+        # map.fine_weight: the finer layers' channels (all but the last) also give their own distance
+        fine = sum(self.backbone.trunk.channels[:-1]) if cfg.map.fine_weight > 0 else 0
+        self.gaussian = PositionGaussian.for_config(c, cfg, fine) if cfg.map.error == "gaussian" else None
+        self.calibration = Calibration(cfg.backbone.grid_hw, 2 if fine else 1)
         self.image_decoder = ImageDecoder(c, cfg.image_decoder_widths) if cfg.image_decoder else None
         self.classifier = CutPasteClassifier(cfg.classifier_widths) if cfg.classifier else None
 

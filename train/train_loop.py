@@ -160,7 +160,7 @@ class TrainResult:
     world_size: int
 
 
-SCORE_KEYS = ("score", "topk", "mean_weight")  # map keys no training step reads: calibration only
+SCORE_KEYS = ("score", "topk", "mean_weight", "fine_weight")  # map keys no training step reads: calibration only
 
 
 def _without_score(model_cfg: dict) -> dict:
@@ -197,9 +197,13 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
     if state is not None:
         if _without_score(state["config"]) != _without_score(model_cfg.to_dict()):
             raise RunError(f"{out / 'last.pt'} was trained with another model config; resume "
-                           "with the same --config (only map.score, map.topk and map.mean_weight "
-                           "may change: they are applied at calibration) or start a new --out")
-        model.load_state_dict(state["state_dict"])
+                           "with the same --config (only map.score, map.topk, map.mean_weight and "
+                           "map.fine_weight may change: they are applied at calibration) or start a "
+                           "new --out")
+        # the calibration is fitted again at the end (its shape follows map.fine_weight)
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("calibration.")}
+        model.load_state_dict({**{k: v for k, v in state["state_dict"].items()
+                                  if not k.startswith("calibration.")}, **fresh})
     model.train()
     images = load_images(train_s, model_cfg.hw, progress, cfg.num_workers)  # uint8 [N, 3, H, W] on CPU
     if info.device.type == "cuda":

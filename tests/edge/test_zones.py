@@ -83,7 +83,7 @@ def _zones_file(path, size=(32, 32)):
     return path
 
 
-def test_config_reads_the_zones_file_and_checks_it(tmp_path):
+def test_config_reads_the_zones_file_and_checks_it(tmp_path, caplog):
     make_toy_bundle(tmp_path / "bundle")
     _zones_file(tmp_path / "zones.yaml")
     cfg = {"node": "n1", "state_dir": "state", "model": {"bundle": "bundle"},
@@ -106,6 +106,14 @@ def test_config_reads_the_zones_file_and_checks_it(tmp_path):
                                model={"config": {"map": {"score": "pooled"}}}, parity={})
     with pytest.raises(ZonesError):
         check_zones(loaded.cameras, manifest)
+    # a fused-map model (map.fine_weight): zones work, and the log says the rescoring is a ratio
+    fused = Manifest.create(input_name="image", input_shape=[1, 3, 8, 8], mean=[], std=[],
+                            output_names={"score": "score", "anomaly_map": "anomaly_map"}, threshold={},
+                            files={"model.onnx": {"sha256": "0" * 64, "bytes": 0}},
+                            model={"config": {"map": {"score": "max", "fine_weight": 0.5}}}, parity={})
+    with caplog.at_level("INFO", logger="haloae.edge.infer"):
+        assert check_zones(loaded.cameras, fused) == Reduction("max", 1)
+    assert "fused map (map.fine_weight 0.5)" in caplog.text and "cam0" in caplog.text
 
 
 def _frames(folder, n, patch: bool):
