@@ -353,7 +353,7 @@ def maps(args) -> int:
         hi = [((c * a ** 2 - k * lo ** 2).clamp_min(0) / (c - k)).sqrt()
               for a, lo in ((al_te, lo_te), (al_po, lo_po))]
         fused(f"high-variance directions ({c - k})", _posnorm(*hi, sigma, hw))
-    fine = sum(model.backbone.trunk.channels[:-1])  # the finer layers' channels (map.fine_weight)
+    fine = model.backbone.finer_channels  # map.fine_weight's z_fine
     if 0 < fine < c:
         e = _fit_apply(r_tr[:, :fine], [r_te[:, :fine], r_po[:, :fine]], 0, m.gaussian_eps, grid)
         fused(f"finer layers' own Gaussian ({fine} channels)", _posnorm(*e, sigma, hw))

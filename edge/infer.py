@@ -68,13 +68,10 @@ def check_zones(cameras: list[CameraConfig], manifest: Manifest) -> Reduction | 
     for cam, zs in zones.items():
         w, h = zs.zones.size
         zs.check_map(w, h, mw, mh)
-    cfg = manifest.model_config
-    map_cfg = cfg.get("map") if isinstance(cfg, dict) else None
-    fine = map_cfg.get("fine_weight") if isinstance(map_cfg, dict) else None
-    if isinstance(fine, (int, float)) and fine > 0:
-        log.info("ignore zones of %s: this model publishes a fused map (map.fine_weight %g), so a zone "
+    if not reduction.exact:
+        log.info("ignore zones of %s: this model publishes a fused map (map.fine_weight), so a zone "
                  "rescales the score by the published map's kept / whole %s ratio, not exactly "
-                 "(docs/operations.md, Ignore zones)", ", ".join(sorted(zones)), fine, reduction.kind)
+                 "(docs/operations.md, Ignore zones)", ", ".join(sorted(zones)), reduction.kind)
     return reduction
 
 

@@ -9,6 +9,9 @@ the maximum plus w times the mean, w = the calibration's ``score_mean_weight``) 
 left. The graph's score is ``c * reduce(map)`` for a constant ``c`` (the calibration;
 docs/bundle.md; each reduction scales with the map), so the score with zones is ``score * reduce(kept) / reduce(all)``,
 the same units, the same threshold, and exactly the graph's score when no zone covers the peak.
+With ``map.fine_weight`` > 0 the score is taken from the full distance's map, which the bundle
+does not output: the published (fused) map's ratio then stands in for it, an approximation
+(``Reduction.exact`` is False; measured in docs/benchmarks.md, lever row 45).
 
 One definition for the line and the lab: the daemon (``cameras[].ignore_zones``, edge/infer.py)
 and ``haloae-eval --ignore-zones FILE`` (train/evaluate.py) both call :meth:`ZoneSet.apply`.
@@ -138,6 +141,7 @@ class Reduction:
     kind: str = "max"
     k: int = 1
     weight: float = 0.0
+    exact: bool = True  # False: the score is not taken from the published map (map.fine_weight > 0)
 
     def __call__(self, values: np.ndarray) -> float:
         flat = np.asarray(values, np.float32).ravel()
@@ -158,18 +162,20 @@ def reduction_from_model_config(model_cfg: dict | None, calibration: Mapping | N
     cfg = (model_cfg or {}).get("map") if isinstance(model_cfg, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
     kind = cfg.get("score", "max")
+    fine = cfg.get("fine_weight")
+    exact = not (isinstance(fine, (int, float)) and fine > 0)  # a fused map: the kept / whole ratio stands in
     if kind == "max":
-        return Reduction("max", 1)
+        return Reduction("max", 1, exact=exact)
     if kind == "max_mean":
         weight = (calibration or {}).get("score_mean_weight")
         if isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) \
                 and weight >= 0:
-            return Reduction("max_mean", 1, float(weight))
+            return Reduction("max_mean", 1, float(weight), exact)
         raise ZonesError(f"ignore zones: the model's score is max_mean but its calibration record has no usable "
                          f"score_mean_weight ({weight!r}); export the bundle again from its final.pt")
     topk = cfg.get("topk")
     if kind == "topk" and isinstance(topk, int) and not isinstance(topk, bool) and topk >= 1:
-        return Reduction("topk", topk)
+        return Reduction("topk", topk, exact=exact)
     raise ZonesError(f"ignore zones need a model whose image score is the max or the top-k mean of its anomaly map "
                      f"(model.config.map.score); this one says score={kind!r}, topk={topk!r}")
 

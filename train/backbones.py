@@ -256,6 +256,8 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
         self.out_channels = sum(self.trunk.channels)
+        # the channels of every layer but the coarsest, first in the stack (map.fine_weight)
+        self.finer_channels = sum(self.trunk.channels[:-1])
         c = self.out_channels
         self.register_buffer("feat_mean", torch.zeros(1, c, 1, 1))
         self.register_buffer("feat_std", torch.ones(1, c, 1, 1))

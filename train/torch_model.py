@@ -133,7 +133,7 @@ class HaloAE(nn.Module):
         self.autoencoder = HaloAutoEncoder(c, cfg.level_sides(), cfg.level_blocks(), cfg.halo)
         # anomaly-map statistics and thresholds (buffers; fitted after training)
         # map.fine_weight: the finer layers' channels (all but the last) also give their own distance
-        fine = sum(self.backbone.trunk.channels[:-1]) if cfg.map.fine_weight > 0 else 0
+        fine = self.backbone.finer_channels if cfg.map.fine_weight > 0 else 0
         self.gaussian = PositionGaussian.for_config(c, cfg, fine) if cfg.map.error == "gaussian" else None
         self.calibration = Calibration(cfg.backbone.grid_hw, 2 if fine else 1)
         self.image_decoder = ImageDecoder(c, cfg.image_decoder_widths) if cfg.image_decoder else None
