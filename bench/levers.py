@@ -34,7 +34,8 @@ refitted on the transformed images):
         --out bench/results/levers-mtd-inputs.json
 
 ``maps`` fuses a trained run's full-Gaussian map with other terms (the high-variance Gaussian
-directions, the finer layers' own Gaussian - ``map.fine_weight`` -, a coarse residual Gaussian,
+directions, the finer layers' own Gaussian - ``map.fine_weight`` - and with it the coarse cells'
+Gaussian - ``map.coarse_weight`` -, a coarse residual Gaussian,
 a fine stride-4 PaDiM term, PaDiM on the raw
 features) and tries subtracting part of each image's own background; its rows carry the
 per-class AUPRO that explains a pooled one:
@@ -356,7 +357,20 @@ def maps(args) -> int:
     fine = model.backbone.finer_channels  # map.fine_weight's z_fine
     if 0 < fine < c:
         e = _fit_apply(r_tr[:, :fine], [r_te[:, :fine], r_po[:, :fine]], 0, m.gaussian_eps, grid)
-        fused(f"finer layers' own Gaussian ({fine} channels)", _posnorm(*e, sigma, hw))
+        z_fine = _posnorm(*e, sigma, hw)
+        fused(f"finer layers' own Gaussian ({fine} channels)", z_fine)
+        # map.coarse_weight: the cells' mean residual under its own Gaussian, upsampled to the
+        # grid, then smoothed and position-normalised there (the model's order)
+        for cells in (2, 4):
+            pool = (grid[0] // cells, grid[1] // cells)
+            p = [F.avg_pool2d(r.float(), pool, pool) for r in (r_tr, r_te, r_po)]
+            e = [F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+                 for x in _fit_apply(p[0], p[1:], 0, m.gaussian_eps, (cells, cells))]
+            z_coarse = _posnorm(*e, sigma, hw)
+            for f in (0.5, 1.0):
+                for w in ws:
+                    emit(f"z + {f:g} z_fine + {w:g} z_coarse ({cells}x{cells} cells)",
+                         (z + f * z_fine + w * z_coarse) / (1 + f + w))
     for pool in (2, 4):
         p = [F.avg_pool2d(r.float(), pool) for r in (r_tr, r_te, r_po)]
         e = _fit_apply(p[0], p[1:], k, m.gaussian_eps, (grid[0] // pool, grid[1] // pool))

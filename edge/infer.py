@@ -69,7 +69,7 @@ def check_zones(cameras: list[CameraConfig], manifest: Manifest) -> Reduction | 
         w, h = zs.zones.size
         zs.check_map(w, h, mw, mh)
     if not reduction.exact:
-        log.info("ignore zones of %s: this model publishes a fused map (map.fine_weight), so a zone "
+        log.info("ignore zones of %s: this model publishes a fused map (map.fine_weight / coarse_weight), so a zone "
                  "rescales the score by the published map's kept / whole %s ratio, not exactly "
                  "(docs/operations.md, Ignore zones)", ", ".join(sorted(zones)), reduction.kind)
     return reduction

@@ -14,7 +14,7 @@ inserted around every node kept in fp32). What this module decides is WHICH node
   (F - F_hat) inclusive: squared error, channel mean, the position-wise Gaussian (its MatMul
   onto the least-variance directions cancels large values: fp16 would lose them), Gaussian
   smoothing, position normalisation, upsampling, max and the final threshold normalisation
-  (Mul / Div) stay fp32.
+  (Mul / Div) stay fp32; with ``map.coarse_weight`` also the cells' AveragePool and Gaussian.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ _LOGIT_SOURCES = {"MatMul", "Gemm", "Einsum"}
 _TAIL_OPS = {"Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "ReduceMean", "ReduceMax", "ReduceSum",
              "ReduceMin", "TopK", "Resize", "Conv", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
              "Slice", "Gather", "Transpose", "Cast", "Identity", "Pad", "Clip", "Max", "Min",
-             "Expand", "Abs", "MatMul", "Concat"}  # Concat: the two maps of map.fine_weight
+             "Expand", "Abs", "MatMul", "Concat",  # Concat: the maps of map.fine_weight / coarse_weight
+             "AveragePool"}  # map.coarse_weight: the cells' mean residual
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

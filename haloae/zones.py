@@ -9,7 +9,7 @@ the maximum plus w times the mean, w = the calibration's ``score_mean_weight``) 
 left. The graph's score is ``c * reduce(map)`` for a constant ``c`` (the calibration;
 docs/bundle.md; each reduction scales with the map), so the score with zones is ``score * reduce(kept) / reduce(all)``,
 the same units, the same threshold, and exactly the graph's score when no zone covers the peak.
-With ``map.fine_weight`` > 0 the score is taken from the full distance's map, which the bundle
+With ``map.fine_weight`` or ``map.coarse_weight`` > 0 the score is taken from the full distance's map, which the bundle
 does not output: the published (fused) map's ratio then stands in for it, an approximation
 (``Reduction.exact`` is False; measured in docs/benchmarks.md, lever row 45).
 
@@ -141,7 +141,7 @@ class Reduction:
     kind: str = "max"
     k: int = 1
     weight: float = 0.0
-    exact: bool = True  # False: the score is not taken from the published map (map.fine_weight > 0)
+    exact: bool = True  # False: the score is not taken from the published map (map.fine_weight / coarse_weight > 0)
 
     def __call__(self, values: np.ndarray) -> float:
         flat = np.asarray(values, np.float32).ravel()
@@ -162,8 +162,8 @@ def reduction_from_model_config(model_cfg: dict | None, calibration: Mapping | N
     cfg = (model_cfg or {}).get("map") if isinstance(model_cfg, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
     kind = cfg.get("score", "max")
-    fine = cfg.get("fine_weight")
-    exact = not (isinstance(fine, (int, float)) and fine > 0)  # a fused map: the kept / whole ratio stands in
+    fused = [cfg.get(k) for k in ("fine_weight", "coarse_weight")]
+    exact = not any(isinstance(v, (int, float)) and v > 0 for v in fused)  # a fused map: the kept / whole ratio stands in
     if kind == "max":
         return Reduction("max", 1, exact=exact)
     if kind == "max_mean":

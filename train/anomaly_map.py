@@ -4,7 +4,8 @@ Training, calibration, evaluation and export all use these functions (composed i
 ``inference.py``):
 
 1. `error_map`: the error at every grid position from features F and reconstruction F_hat
-   [N, C, gh, gw] -> [N, M, gh, gw] (M = 1, or 2 with ``map.fine_weight``): the paper's channel mean of (F - F_hat)^2 (``mse``,
+   [N, C, gh, gw] -> [N, M, gh, gw] (M = 1, +1 with ``map.fine_weight``, +1 with
+   ``map.coarse_weight``): the paper's channel mean of (F - F_hat)^2 (``mse``,
    computed as the sum of ((F - F_hat) / sqrt(C))^2: no fp16 overflow), or the distance of
    the residual under the position-wise Gaussian of normal residuals (``gaussian``,
    `position_gaussian.py`);
@@ -21,7 +22,10 @@ Training, calibration, evaluation and export all use these functions (composed i
    second distance, over the finer layers' channels alone (M = 2), and the output map is
    ``(z + f z_fine) / (1 + f)``: the coarsest layer's large receptive field raises the whole map
    of a defective part (the "glow"), the finer layers' distance localises (docs/benchmarks.md
-   row 45). The image score (step 5) is taken from z alone, which detects best.
+   row 45). With ``map.coarse_weight`` g the distance of the residual averaged over coarse
+   cells joins it, ``(z + f z_fine + g z_coarse) / (1 + f + g)``: a large, diffuse defect
+   raises its cell's mean residual more than any one position (row 46). The image score
+   (step 5) is taken from z alone, which detects best.
 
 The map is normalised (step 3) BEFORE the image score is taken (step 5).
 """
@@ -103,12 +107,18 @@ def upsample(err: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
 
 def published_map(z: torch.Tensor, map_cfg: MapCfg) -> torch.Tensor:
     """Normalised maps [N, M, h, w] -> the map the model publishes [N, 1, h, w]: the
-    full distance's (M = 1), or with ``map.fine_weight`` f (M = 2: the full and the fine
-    distance) ``(z + f z_fine) / (1 + f)``. The image score is taken from channel 0 alone."""
+    full distance's (M = 1), or ``(z + f z_fine + g z_coarse) / (1 + f + g)`` with
+    ``map.fine_weight`` f (channel 1: the fine distance) and ``map.coarse_weight`` g (the last
+    channel: the coarse cells' distance). The image score is taken from channel 0 alone."""
     if z.shape[1] == 1:
         return z
-    f = map_cfg.fine_weight
-    return (z[:, :1] + f * z[:, 1:2]) * (1.0 / (1.0 + f))
+    f, g = map_cfg.fine_weight, map_cfg.coarse_weight
+    out = z[:, :1]
+    if f > 0:
+        out = out + f * z[:, 1:2]
+    if g > 0:
+        out = out + g * z[:, -1:]
+    return out * (1.0 / (1.0 + f + g))
 
 
 def image_score(amap: torch.Tensor, map_cfg: MapCfg, mean_weight: Optional[torch.Tensor] = None

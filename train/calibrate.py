@@ -14,7 +14,7 @@
    cross-fitted held-out maps (the spread of their maxima over that of their means), and the
    pixel floor is the threshold the maxima alone would get: a region is then as rare on normal
    parts as before, and a part flagged by a diffuse rise of its whole map may carry none. With
-   ``map.fine_weight`` the published map is not the score map (`inference.finish_maps`): the
+   ``map.fine_weight`` or ``map.coarse_weight`` the published map is not the score map (`inference.finish_maps`): the
    floor is then the threshold the PUBLISHED map's maxima would get, so a region stays as rare;
 3. ``out_of_fold`` (``map.error: gaussian``, `fit_stats.out_of_fold_maps`): the training
    images' maps, each under a Gaussian fitted without it, scored with the shipped position
@@ -146,7 +146,7 @@ def _finish_maps(model: torch.nn.Module, maps: torch.Tensor, device: Any, pixels
                  ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray]:
     """Raw image scores [N], (with ``pixels``) the published map's pixels [N, H, W], the score
     map's means [N] and the published map's maxima [N] of grid maps, under the model's current
-    position statistics (score map = published map unless ``map.fine_weight``)."""
+    position statistics (score map = published map unless ``map.fine_weight`` / ``coarse_weight``)."""
     scores, out, means, maxima = [], [], [], []
     with torch.inference_mode():
         for lo in range(0, maps.shape[0], 16):
@@ -224,8 +224,8 @@ def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 
     if out_of_fold is not None:
         oof, _, oof_means, oof_maxima = _finish_maps(model, out_of_fold, device, False)
     pixel_floor = None
-    fine = model.cfg.map.fine_weight > 0
-    if max_mean or fine:  # the least pixel threshold: what the published map's maxima alone would get
+    fused = model.cfg.map.fine_weight > 0 or model.cfg.map.coarse_weight > 0
+    if max_mean or fused:  # the least pixel threshold: what the published map's maxima alone would get
         pixel_floor = thresholds_from_scores(maxima, None, image_quantile, pixel_quantile,
                                              oof_maxima)["raw_image"]
     if max_mean:  # scores so far are the score maps' maxima (w = 0): add w x their means

@@ -6,8 +6,8 @@ saved in the checkpoint's state dict and traced into the exported graph:
 - ``pos_mean``, ``pos_std`` [1, M, gh, gw]: position-wise normalisation of the smoothed grid
   error map, ``(e - mean) / std`` (``map.position_norm``); applied BEFORE the image score is
   taken, so a place that is always rough on normal parts (a tile corner) does not set the
-  score. M = 2 with ``map.fine_weight`` (the full and the fine distance, each normalised with
-  its own statistics), else 1;
+  score. M > 1 with ``map.fine_weight`` / ``map.coarse_weight`` (the full, the fine and the
+  coarse cells' distance, each normalised with its own statistics), else 1;
 - ``score_mean_weight`` (``map.score: max_mean``): w in ``score = max(map) + w * mean(map)``,
   ``map.mean_weight`` times the ratio of the spreads (std) of held-out normal maps' maxima and
   means, so that on normal parts both terms vary alike (0 for the other score forms; a checkpoint

@@ -168,6 +168,13 @@ class MapCfg(Cfg):
                                "last backbone layer; free: a prefix of the triangular projection), each "
                                "position-normalised; the image score stays on z alone. 0 = off "
                                "(docs/benchmarks.md row 45)")
+    coarse_weight: float = Field(
+        0.0, ge=0, description="gaussian: add g x z_coarse to the published map, (z + f z_fine + g z_coarse) / "
+                               "(1 + f + g), z_coarse the distance of the residual averaged over coarse_cells x "
+                               "coarse_cells cells under its own per-cell Gaussian (large, diffuse defects); "
+                               "the image score stays on z. 0 = off (docs/benchmarks.md row 46)")
+    coarse_cells: int = Field(2, ge=1, description="cells per side of the coarse term's grid (must divide both "
+                                                   "grid sides); 1 = one cell, the whole image")
 
 
 class ModelCfg(Cfg):
@@ -246,6 +253,12 @@ class ModelCfg(Cfg):
                               f"direction (gaussian_channels: 0, gaussian_rank: 0; got error={m.error}, "
                               f"gaussian_channels={m.gaussian_channels}, gaussian_rank={m.gaussian_rank}); "
                               "or set map.fine_weight: 0")
+        if m.coarse_weight > 0 and m.error != "gaussian":
+            raise ConfigError(f"map.coarse_weight={m.coarse_weight:g} needs map.error=gaussian (got {m.error}); "
+                              "or set map.coarse_weight: 0")
+        if m.coarse_weight > 0 and (gh % m.coarse_cells or gw % m.coarse_cells):
+            raise ConfigError(f"map.coarse_cells={m.coarse_cells} does not divide the grid {gh}x{gw}: use a "
+                              "divisor of both sides (1, 2, 4, ...)")
         if m.fine_weight > 0 and len(b.layers) < 2:
             raise ConfigError(f"map.fine_weight={m.fine_weight:g} needs at least 2 backbone.layers (the finer "
                               f"ones form z_fine); got {b.layers}; add a layer or set map.fine_weight: 0")

@@ -41,7 +41,7 @@ def finish_maps(model: HaloAE, err: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Smoothed grid errors [N, M, gh, gw] -> ``(score_map, anomaly_map)``, both raw
     [N, 1, H, W]: position-wise normalisation (when configured), then the map the image score
     is taken from (the full distance) and the published one (`published_map`: the same map
-    unless ``map.fine_weight``), upsampled."""
+    unless ``map.fine_weight`` / ``map.coarse_weight``), upsampled."""
     if model.cfg.map.position_norm:
         err = model.calibration.position_normalize(err)
     if err.shape[1] == 1:

@@ -35,10 +35,18 @@ no weights: with ``U`` upper-triangular and ``U U^T = cov^-1``, ``cov = L L^T`` 
 prefix channels' own covariance), and a column block ends at m so that distance is the sum of
 the blocks before it.
 
+``coarse`` c > 0 (``map.coarse_weight``): a second, nested Gaussian models the residual averaged
+over each of c x c cells (AveragePool), per cell; its distance, bilinearly upsampled to the grid,
+is the last output channel. A large, diffuse defect (uneven texture, a shading fault) moves the
+mean residual of its cell while each position stays near its normal spread; the cell average
+is also a far better estimated Gaussian (docs/benchmarks.md row 46). Its weights are c^2 / P of
+the position-wise ones.
+
 All statistics are registered buffers (checkpoint state dict and exported graph; the blocks
 are non-persistent copies cut from ``proj``). Export: Gather (channel subset), Reshape,
 Transpose, Sub, Slice, batched MatMul [P/s^2, s^2 N, d_b] x [P/s^2, d_b, k_b], Mul,
-ReduceSum, Add, Sqrt - static shapes, TensorRT-common. The projection is pre-scaled so that
+ReduceSum, Add, Sqrt (with ``coarse``: AveragePool, Resize, Concat) - static shapes,
+TensorRT-common. The projection is pre-scaled so that
 the sum of squares stays far below the fp16 maximum.
 """
 from __future__ import annotations
@@ -47,6 +55,7 @@ import logging
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .calibration import CalibrationError
@@ -89,12 +98,20 @@ def is_upper(proj: torch.Tensor) -> bool:
 
 
 class PositionGaussian(nn.Module):
-    """Residual [N, C, gh, gw] -> error [N, 1, gh, gw], or with ``fine`` [N, 2, gh, gw] (channel
-    1: the distance over the first ``fine`` channels alone; see module doc); `fit` it first."""
+    """Residual [N, C, gh, gw] -> error [N, M, gh, gw]: channel 0 the distance; with ``fine`` next
+    the distance over the first ``fine`` channels alone; with ``coarse`` last the distance of
+    the c x c cells' mean residuals, upsampled (see module doc). `fit` it first."""
 
     def __init__(self, channels: int, grid_hw: tuple[int, int], dims: int = 0, rank: int = 0,
-                 eps: float = 0.01, seed: int = 0, share: int = 1, fine: int = 0) -> None:
+                 eps: float = 0.01, seed: int = 0, share: int = 1, fine: int = 0,
+                 coarse: int = 0) -> None:
         super().__init__()
+        if coarse and (coarse < 0 or grid_hw[0] % coarse or grid_hw[1] % coarse):
+            raise ValueError(f"position-wise Gaussian: coarse={coarse} cells per side must divide the grid "
+                             f"{grid_hw[0]}x{grid_hw[1]}")
+        self.pool = (grid_hw[0] // coarse, grid_hw[1] // coarse) if coarse else None
+        # the cells' own Gaussian (a child module: its buffers are gaussian.coarse.*)
+        self.coarse = PositionGaussian(channels, (coarse, coarse), dims, rank, eps, seed) if coarse else None
         d = channels if dims <= 0 else min(dims, channels)
         k = d if rank <= 0 else min(rank, d)
         if fine and (d != channels or k != d or not 0 < fine < d):
@@ -139,7 +156,12 @@ class PositionGaussian(nn.Module):
         ``map.fine_weight`` > 0)."""
         m = cfg.map
         return cls(channels, cfg.backbone.grid_hw, m.gaussian_channels, m.gaussian_rank,
-                   m.gaussian_eps, share=m.gaussian_share, fine=fine)
+                   m.gaussian_eps, share=m.gaussian_share, fine=fine,
+                   coarse=m.coarse_cells if m.coarse_weight > 0 else 0)
+
+    def _pooled(self, r: torch.Tensor) -> torch.Tensor:
+        """[N, C, gh, gw] -> the cells' mean residuals [N, C, c, c]."""
+        return F.avg_pool2d(r, self.pool, self.pool)
 
     def _positions(self, r: torch.Tensor) -> torch.Tensor:
         """[N, C, gh, gw] -> [P, N, d] (the channel subset at every position)."""
@@ -161,8 +183,10 @@ class PositionGaussian(nn.Module):
     def fit(self, residuals: Iterable[torch.Tensor]) -> dict:
         """Fit on batches of normal residuals [B, C, gh, gw] (float64 sums, chunked); returns
         a summary {images, dims, rank, min_eigenvalue, kept_variance}."""
-        n, s1, s2 = 0, None, None
+        n, s1, s2, pooled = 0, None, None, []
         for r in residuals:
+            if self.coarse is not None:  # small ([B, C, c, c]): kept for the cells' Gaussian
+                pooled.append(self._pooled(r.detach().to("cpu", torch.float32)))
             x = self._positions(r.detach().to("cpu", torch.float64))  # P, B, d
             s1 = x.sum(1) if s1 is None else s1 + x.sum(1)  # P, d
             xx = x.transpose(1, 2) @ x  # P, d, d
@@ -192,6 +216,8 @@ class PositionGaussian(nn.Module):
         info = {"images": n, "dims": self.dims, "rank": self.rank, "share": self.share,
                 "min_eigenvalue": float(evals[:, 0].min()),
                 "kept_variance": float((evals.sum(1) / total).mean())}
+        if self.coarse is not None:
+            info["coarse"] = self.coarse.fit(pooled)
         _LOG.info("position-wise Gaussian on %d normal images: %d of %d channels, %d least-"
                   "variance directions (%.1f %% of the residual variance)", n, self.dims,
                   self.channels, self.rank, 100 * info["kept_variance"])
@@ -220,7 +246,11 @@ class PositionGaussian(nn.Module):
         if sq_fine is not None:  # RMS over its own fine directions: (sq_fine * k / fine) ** 0.5
             e = torch.stack([e, sq_fine.sqrt() * (FP16_SCALE * (self.rank / self.fine) ** 0.5)])
         e = e.reshape(-1, gh // s, gw // s, s, s, n).permute(5, 0, 1, 3, 2, 4)  # N, M, gh/s, s, gw/s, s
-        return e.reshape(n, -1, gh, gw)
+        e = e.reshape(n, -1, gh, gw)
+        if self.coarse is not None:  # the cells' distance, bilinear to the grid, as the last channel
+            ec = self.coarse(self._pooled(residual))  # N, 1, c, c
+            e = torch.cat([e, F.interpolate(ec, size=(gh, gw), mode="bilinear", align_corners=False)], 1)
+        return e
 
 
 def check_fitted(gaussian: Optional[PositionGaussian], source: str) -> None:

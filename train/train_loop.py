@@ -160,7 +160,8 @@ class TrainResult:
     world_size: int
 
 
-SCORE_KEYS = ("score", "topk", "mean_weight", "fine_weight")  # map keys no training step reads: calibration only
+# map keys no training step reads (calibration only): a resumed run may change them
+SCORE_KEYS = ("score", "topk", "mean_weight", "fine_weight", "coarse_weight", "coarse_cells")
 
 
 def _without_score(model_cfg: dict) -> dict:
@@ -197,13 +198,15 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
     if state is not None:
         if _without_score(state["config"]) != _without_score(model_cfg.to_dict()):
             raise RunError(f"{out / 'last.pt'} was trained with another model config; resume "
-                           "with the same --config (only map.score, map.topk, map.mean_weight and "
-                           "map.fine_weight may change: they are applied at calibration) or start a "
-                           "new --out")
-        # the calibration is fitted again at the end (its shape follows map.fine_weight)
-        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("calibration.")}
+                           "with the same --config (only map.score, map.topk, map.mean_weight, "
+                           "map.fine_weight, map.coarse_weight and map.coarse_cells may change: they are "
+                           "applied at calibration) or start a new --out")
+        # the Gaussian and the calibration are fitted again at the end (their shapes follow
+        # map.fine_weight and map.coarse_*)
+        refit = ("calibration.", "gaussian.")
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith(refit)}
         model.load_state_dict({**{k: v for k, v in state["state_dict"].items()
-                                  if not k.startswith("calibration.")}, **fresh})
+                                  if not k.startswith(refit)}, **fresh})
     model.train()
     images = load_images(train_s, model_cfg.hw, progress, cfg.num_workers)  # uint8 [N, 3, H, W] on CPU
     if info.device.type == "cuda":

@@ -113,7 +113,7 @@ def test_config_reads_the_zones_file_and_checks_it(tmp_path, caplog):
                             model={"config": {"map": {"score": "max", "fine_weight": 0.5}}}, parity={})
     with caplog.at_level("INFO", logger="haloae.edge.infer"):
         assert check_zones(loaded.cameras, fused) == Reduction("max", 1, exact=False)
-    assert "fused map (map.fine_weight)" in caplog.text and "cam0" in caplog.text
+    assert "fused map (map.fine_weight / coarse_weight)" in caplog.text and "cam0" in caplog.text
 
 
 def _frames(folder, n, patch: bool):
