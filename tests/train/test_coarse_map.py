@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from haloae import bundle as B
 from haloae.export import parity
 from haloae.export.cli import export_bundle
-from haloae.train.anomaly_map import image_score, published_map
+from fused_maps import fused_outputs
+from haloae.train.anomaly_map import published_map
 from haloae.train.checkpoint import load_checkpoint, save_checkpoint
 from haloae.train.config import ConfigError, load_model_config
 from haloae.train.fit_stats import fit_for_timing
-from haloae.train.inference import HaloAEInference, finish_maps, grid_error, raw_outputs
+from haloae.train.inference import HaloAEInference
 from haloae.train.position_gaussian import PositionGaussian
 from haloae.train.torch_model import create_model
 from haloae.train.train_loop import _without_score
@@ -76,17 +77,7 @@ def test_coarse_cells_must_divide_the_grid_and_need_the_gaussian():
 
 def test_published_map_fuses_three_distances_and_the_score_stays_on_z(fitted, tmp_path):
     model, cal = fitted
-    assert tuple(model.calibration.pos_mean.shape) == (1, 3, 16, 16)
-    x = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        grid = grid_error(model, x)
-        score, amap = raw_outputs(model, x)
-        score_map, published = finish_maps(model, grid)
-    assert grid.shape == (3, 3, 16, 16)
-    torch.testing.assert_close(amap, published)
-    torch.testing.assert_close(score, image_score(score_map, model.cfg.map, model.calibration.score_mean_weight))
-    z = model.calibration.position_normalize(grid)
-    up = F.interpolate(z, size=(128, 128), mode="bilinear", align_corners=False)
+    x, z, up, amap, score_map = fused_outputs(model, 3)
     torch.testing.assert_close(amap, (up[:, :1] + 0.5 * up[:, 1:2] + 0.5 * up[:, 2:]) / 2.0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(score_map, up[:, :1], rtol=1e-5, atol=1e-5)
     # coarse without fine: the last channel is the coarse one

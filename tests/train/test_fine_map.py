@@ -10,13 +10,14 @@ import torch
 from haloae import bundle as B
 from haloae.export import parity
 from haloae.export.cli import export_bundle
-from haloae.train.anomaly_map import image_score, published_map
+from fused_maps import fused_outputs
+from haloae.train.anomaly_map import published_map
 from haloae.train import calibrate as C
 from haloae.train.calibrate import calibrate, thresholds_from_scores
 from haloae.train.checkpoint import load_checkpoint, save_checkpoint
 from haloae.train.config import ConfigError, load_model_config
 from haloae.train.fit_stats import fit_for_timing
-from haloae.train.inference import HaloAEInference, finish_maps, grid_error, raw_outputs
+from haloae.train.inference import HaloAEInference
 from haloae.train.position_gaussian import PositionGaussian, block_bounds
 from haloae.train.torch_model import create_model
 from haloae.train.train_loop import _without_score
@@ -80,18 +81,7 @@ def test_fine_weight_needs_the_full_gaussian_and_two_layers():
 
 def test_published_map_fuses_and_the_score_stays_on_the_full_distance(fitted, tmp_path):
     model, cal = fitted
-    assert tuple(model.calibration.pos_mean.shape) == (1, 2, 16, 16)
-    x = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        grid = grid_error(model, x)
-        score, amap = raw_outputs(model, x)
-        score_map, published = finish_maps(model, grid)
-    assert grid.shape == (3, 2, 16, 16)
-    torch.testing.assert_close(amap, published)
-    w = model.calibration.score_mean_weight
-    torch.testing.assert_close(score, image_score(score_map, model.cfg.map, w))
-    z = model.calibration.position_normalize(grid)
-    up = torch.nn.functional.interpolate(z, size=(128, 128), mode="bilinear", align_corners=False)
+    x, z, up, amap, score_map = fused_outputs(model, 2)
     torch.testing.assert_close(amap, published_map(up, model.cfg.map), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(amap, (up[:, :1] + 0.5 * up[:, 1:]) / 1.5, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(amap, score_map)  # the published map is not the score map
