@@ -38,9 +38,8 @@ the blocks before it.
 ``coarse`` c > 0 (``map.coarse_weight``): a second, nested Gaussian models the residual averaged
 over each of c x c cells (AveragePool), per cell; its distance, bilinearly upsampled to the grid,
 is the last output channel. A large, diffuse defect (uneven texture, a shading fault) moves the
-mean residual of its cell while each position stays near its normal spread; the cell average
-is also a far better estimated Gaussian (docs/benchmarks.md row 46). Its weights are c^2 / P of
-the position-wise ones.
+mean residual of its cell while each position stays near its normal spread (docs/benchmarks.md
+row 46). Its weights are c^2 / P of the position-wise ones.
 
 All statistics are registered buffers (checkpoint state dict and exported graph; the blocks
 are non-persistent copies cut from ``proj``). Export: Gather (channel subset), Reshape,
