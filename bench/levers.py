@@ -263,15 +263,16 @@ def _run_features(args, raw_layers: bool = False, transform=None):
     return model, test, splits
 
 
-def _fit_apply(train, apply_to, rank, eps, grid_hw, share=1, dims=0):
+def _fit_apply(train, apply_to, rank, eps, grid_hw, share=1, dims=0, coarse=0):
     """Fit a `PositionGaussian` (``dims`` channels, 0 = all, ``rank`` least-variance directions,
-    0 = all, one covariance per ``share`` x ``share`` cell) on ``train`` [N, C, gh, gw]; return
-    its error maps of every tensor in ``apply_to``."""
+    0 = all, one covariance per ``share`` x ``share`` cell, ``coarse`` cells per side for the
+    cells' Gaussian of ``map.coarse_weight``) on ``train`` [N, C, gh, gw]; return its error maps
+    of every tensor in ``apply_to``."""
     import torch
 
     from haloae.train.position_gaussian import PositionGaussian
 
-    g = PositionGaussian(train.shape[1], grid_hw, dims, rank, eps=eps, share=share)
+    g = PositionGaussian(train.shape[1], grid_hw, dims, rank, eps=eps, share=share, coarse=coarse)
     g.fit([train[i:i + 64].float() for i in range(0, len(train), 64)])
     with torch.no_grad():
         return [torch.cat([g(x[i:i + 32].float()) for i in range(0, len(x), 32)])
@@ -362,11 +363,8 @@ def maps(args) -> int:
         # map.coarse_weight: the cells' mean residual under its own Gaussian, upsampled to the
         # grid, then smoothed and position-normalised there (the model's order)
         for cells in (2, 4):
-            pool = (grid[0] // cells, grid[1] // cells)
-            p = [F.avg_pool2d(r.float(), pool, pool) for r in (r_tr, r_te, r_po)]
-            e = [F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
-                 for x in _fit_apply(p[0], p[1:], 0, m.gaussian_eps, (cells, cells))]
-            z_coarse = _posnorm(*e, sigma, hw)
+            e = _fit_apply(r_tr, [r_te, r_po], 0, m.gaussian_eps, grid, coarse=cells)
+            z_coarse = _posnorm(*[x[:, -1:] for x in e], sigma, hw)
             for f in (0.5, 1.0):
                 for w in ws:
                     emit(f"z + {f:g} z_fine + {w:g} z_coarse ({cells}x{cells} cells)",

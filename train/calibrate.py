@@ -224,8 +224,7 @@ def calibrate(model: torch.nn.Module, loader: Iterable, image_quantile: float = 
     if out_of_fold is not None:
         oof, _, oof_means, oof_maxima = _finish_maps(model, out_of_fold, device, False)
     pixel_floor = None
-    fused = model.cfg.map.fine_weight > 0 or model.cfg.map.coarse_weight > 0
-    if max_mean or fused:  # the least pixel threshold: what the published map's maxima alone would get
+    if max_mean or model.cfg.map.fused:  # the least pixel threshold: what the published map's maxima alone would get
         pixel_floor = thresholds_from_scores(maxima, None, image_quantile, pixel_quantile,
                                              oof_maxima)["raw_image"]
     if max_mean:  # scores so far are the score maps' maxima (w = 0): add w x their means

@@ -176,6 +176,11 @@ class MapCfg(Cfg):
     coarse_cells: int = Field(2, ge=1, description="cells per side of the coarse term's grid (must divide both "
                                                    "grid sides); 1 = one cell, the whole image")
 
+    @property
+    def fused(self) -> bool:
+        """Whether the published map fuses other distances with z (so it is not the score map)."""
+        return self.fine_weight > 0 or self.coarse_weight > 0
+
 
 class ModelCfg(Cfg):
     """One HaloAE variant."""

@@ -158,6 +158,11 @@ class PositionGaussian(nn.Module):
                    m.gaussian_eps, share=m.gaussian_share, fine=fine,
                    coarse=m.coarse_cells if m.coarse_weight > 0 else 0)
 
+    @property
+    def maps(self) -> int:
+        """Output channels M: the distance, + the fine one, + the coarse cells' one."""
+        return 1 + bool(self.fine) + (self.coarse is not None)
+
     def _pooled(self, r: torch.Tensor) -> torch.Tensor:
         """[N, C, gh, gw] -> the cells' mean residuals [N, C, c, c]."""
         return F.avg_pool2d(r, self.pool, self.pool)

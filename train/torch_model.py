@@ -135,8 +135,7 @@ class HaloAE(nn.Module):
         # map.fine_weight: the finer layers' channels (all but the last) also give their own distance
         fine = self.backbone.finer_channels if cfg.map.fine_weight > 0 else 0
         self.gaussian = PositionGaussian.for_config(c, cfg, fine) if cfg.map.error == "gaussian" else None
-        maps = 1 + bool(fine) + bool(self.gaussian is not None and self.gaussian.coarse is not None)
-        self.calibration = Calibration(cfg.backbone.grid_hw, maps)
+        self.calibration = Calibration(cfg.backbone.grid_hw, self.gaussian.maps if self.gaussian else 1)
         self.image_decoder = ImageDecoder(c, cfg.image_decoder_widths) if cfg.image_decoder else None
         self.classifier = CutPasteClassifier(cfg.classifier_widths) if cfg.classifier else None
 

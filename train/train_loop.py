@@ -160,8 +160,7 @@ class TrainResult:
     world_size: int
 
 
-# map keys no training step reads (calibration only): a resumed run may change them
-SCORE_KEYS = ("score", "topk", "mean_weight", "fine_weight", "coarse_weight", "coarse_cells")
+SCORE_KEYS = ("score", "topk", "mean_weight", "fine_weight", "coarse_weight", "coarse_cells")  # calibration only
 
 
 def _without_score(model_cfg: dict) -> dict:
@@ -201,9 +200,7 @@ def _train(cfg: TrainCfg, data: Path, out: Path, info: ddp.DistInfo, resume: boo
                            "with the same --config (only map.score, map.topk, map.mean_weight, "
                            "map.fine_weight, map.coarse_weight and map.coarse_cells may change: they are "
                            "applied at calibration) or start a new --out")
-        # the Gaussian and the calibration are fitted again at the end (their shapes follow
-        # map.fine_weight and map.coarse_*)
-        refit = ("calibration.", "gaussian.")
+        refit = ("calibration.", "gaussian.")  # fitted again at the end (shapes follow map.*_weight)
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith(refit)}
         model.load_state_dict({**{k: v for k, v in state["state_dict"].items()
                                   if not k.startswith(refit)}, **fresh})
